@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+}
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    """Every test starts from the same random state, whatever ran before it."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=[torch.float64], ids=["float64"])
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])
+def any_dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def tol(dtype):
+    return TOLERANCES[dtype]
+
+
+@pytest.fixture
+def assert_close():
+    """``torch.testing.assert_close`` with the tolerance of the tensors' dtype."""
+
+    def check(actual, expected, **kwargs):
+        kw = dict(TOLERANCES[expected.dtype])
+        kw.update(kwargs)
+        torch.testing.assert_close(actual, expected, **kw)
+
+    return check

@@ -1,0 +1,52 @@
+"""Shared builders for the tests: random SPD matrices, the shape grid, and paired distributions."""
+
+import torch
+from torch.distributions import MultivariateNormal
+
+from torch_mvn_ext import JacobianMVN
+
+PARAMETRIZATIONS = ("covariance_matrix", "precision_matrix", "scale_tril")
+MATRICES = PARAMETRIZATIONS
+WRT = ("value", "loc") + PARAMETRIZATIONS
+
+# (loc batch, matrix batch, value batch): unbatched, batched, loc-only, matrix-only, broadcasting pairs,
+# and values with extra sample dimensions.
+SHAPE_GRID = [
+    ((), (), ()),
+    ((), (), (7,)),
+    ((4,), (4,), (4,)),
+    ((4,), (), (5, 4)),
+    ((), (3,), (2, 3)),
+    ((2, 1), (3,), (2, 3)),
+    ((8, 1), (6,), (8, 6)),
+    ((2, 3), (2, 3), (5, 1, 1)),
+]
+SHAPE_IDS = [f"loc{a}-mat{b}-x{c}" for a, b, c in SHAPE_GRID]
+
+
+def random_spd(batch_shape, d, dtype=torch.float64, device=None, condition=10.0):
+    """Random SPD matrices with eigenvalues spread log-uniformly over ``[1, condition]``."""
+    q, _ = torch.linalg.qr(torch.randn(*batch_shape, d, d, dtype=dtype, device=device))
+    eig = torch.logspace(0, torch.log10(torch.tensor(condition)).item(), d, dtype=dtype, device=device)
+    eig = eig[torch.randperm(d)]
+    m = (q * eig) @ q.mT
+    return (m + m.mT) / 2
+
+
+def matrix_for(parametrization, cov):
+    """The argument that parametrizes the distribution with covariance ``cov``."""
+    if parametrization == "covariance_matrix":
+        return cov
+    if parametrization == "precision_matrix":
+        p = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+        return (p + p.mT) / 2
+    return torch.linalg.cholesky(cov)
+
+
+def make_pair(parametrization, loc, cov, **kwargs):
+    """The same distribution as a JacobianMVN and as torch's MultivariateNormal."""
+    m = matrix_for(parametrization, cov)
+    return (
+        JacobianMVN(loc, **{parametrization: m}, **kwargs),
+        MultivariateNormal(loc, **{parametrization: m}, **kwargs),
+    )

@@ -1,0 +1,8 @@
+"""A multivariate normal for PyTorch and Pyro with closed-form per-sample derivatives of its log-density."""
+
+from . import kl  # noqa: F401  (registers the KL divergences)
+from .jacobian_mvn import JacobianMVN
+
+__version__ = "0.1.0"
+
+__all__ = ["JacobianMVN", "__version__"]

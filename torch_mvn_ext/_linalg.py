@@ -1,0 +1,210 @@
+r"""Private linear-algebra and shape helpers shared by the distribution, its autograd rule and KL.
+
+Every Gaussian here is held through one lower-triangular factor ``F`` and a flag:
+
+* ``precision=False``: ``F = L`` with :math:`\Sigma = L L^\top` (``covariance_matrix`` and ``scale_tril``
+  parametrizations);
+* ``precision=True``: ``F = T = L^{-1}`` with :math:`P = T^\top T`, found from a Cholesky factorization of
+  the precision with its rows and columns reversed, so that no inverse is ever formed.
+
+In both cases :math:`z = L^{-1} r` is the same whitened residual, so every formula is written once in
+terms of ``z`` and :math:`\alpha = \Sigma^{-1} r = L^{-\top} z`.
+"""
+
+import math
+
+import torch
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def format_shape(shape):
+    return str(tuple(shape))
+
+
+def cholesky(matrix, name):
+    r"""Lower Cholesky factor of ``matrix``, with an error that names the argument if it is not positive definite."""
+    try:
+        return torch.linalg.cholesky(matrix)
+    except RuntimeError as e:  # torch.linalg.LinAlgError is a RuntimeError
+        if "positive-definite" not in str(e):
+            raise
+        raise ValueError(
+            f"{name} is not positive definite (its Cholesky factorization failed: {e}). "
+            f"Check that it is symmetric with strictly positive eigenvalues."
+        ) from e
+
+
+def precision_factor(precision_matrix):
+    r"""The lower-triangular ``T`` with :math:`P = T^\top T`, so that :math:`T = L^{-1}` for :math:`\Sigma = L L^\top`.
+
+    Reversing rows and columns turns the lower Cholesky factor of the reversed matrix into an upper
+    factor of :math:`P` (Ref: fehiepsi, "precision to scale_tril", the trick torch uses), without inverting.
+    """
+    flipped = cholesky(precision_matrix.flip((-2, -1)), "precision_matrix")
+    return flipped.flip((-2, -1)).mT
+
+
+def half_log_det(factor, precision):
+    r""":math:`\frac12 \log\det\Sigma`, shape ``factor.shape[:-2]``."""
+    s = factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return -s if precision else s
+
+
+def inv_scale_diag(factor, precision):
+    r"""The diagonal of :math:`L^{-1}`, i.e. :math:`1 / L_{ii}`."""
+    diag = factor.diagonal(dim1=-2, dim2=-1)
+    return diag if precision else diag.reciprocal()
+
+
+def whiten(factor, precision, x):
+    r""":math:`z = L^{-1} x` for grouped ``x`` of shape ``(b, c, d)`` and ``factor`` of shape ``(b, d, d)``."""
+    if precision:
+        return x @ factor.mT
+    # solve_triangular(L, X^T) on row-major X hands LAPACK a column-major right-hand side: no copy.
+    return torch.linalg.solve_triangular(factor, x.mT, upper=False).mT
+
+
+def unwhiten_t(factor, precision, z):
+    r""":math:`L^{-\top} z` (so :math:`\alpha = \Sigma^{-1} r` from :math:`z = L^{-1} r`), grouped."""
+    if precision:
+        return z @ factor
+    return torch.linalg.solve_triangular(factor.mT, z.mT, upper=True).mT
+
+
+def color(factor, precision, eps):
+    r""":math:`L \epsilon` for grouped ``eps`` (turns white noise into a sample offset)."""
+    if precision:
+        return torch.linalg.solve_triangular(factor, eps.mT, upper=False).mT
+    return eps @ factor.mT
+
+
+def scale_tril_from_factor(factor, precision):
+    r""":math:`L` itself; for a precision factor :math:`L = T^{-1}`, one triangular solve."""
+    if not precision:
+        return factor
+    eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+    return torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=False)
+
+
+def sigma_inverse_from_factor(factor, precision):
+    r""":math:`\Sigma^{-1}`: :math:`T^\top T` for a precision factor, else ``cholesky_inverse(L)``."""
+    if precision:
+        return factor.mT @ factor
+    return torch.cholesky_inverse(factor)
+
+
+class Grouping:
+    r"""Lays out a tensor of shape ``S + (k,)`` as ``(b, c, k)``.
+
+    ``b`` runs over the members of a batch shape ``B`` that broadcasts to ``S`` and ``c`` over the elements of
+    ``S`` that share one member. A factor of shape ``B + (d, d)`` reshaped to ``(b, d, d)`` then meets all of its
+    samples in one batched BLAS-3 call, and sums over samples become one GEMM per member.
+    """
+
+    def __init__(self, shape, batch_shape):
+        shape = tuple(shape)
+        n = len(shape)
+        padded = (1,) * (n - len(batch_shape)) + tuple(batch_shape)
+        kept = [i for i in range(n) if padded[i] != 1 or shape[i] == 1]
+        summed = [i for i in range(n) if padded[i] == 1 and shape[i] != 1]
+        self.shape = torch.Size(shape)
+        self.batch_shape = torch.Size(batch_shape)
+        self.perm = kept + summed
+        self.identity = self.perm == list(range(n))
+        self.inv_perm = [self.perm.index(i) for i in range(n)]
+        self.b = math.prod([shape[i] for i in kept])
+        self.c = math.prod([shape[i] for i in summed])
+        self.permuted_shape = [shape[i] for i in self.perm]
+
+    def group(self, x):
+        k = x.shape[-1]
+        x = x.expand(self.shape + (k,))
+        if not self.identity:
+            x = x.permute(self.perm + [len(self.shape)])
+        return x.reshape(self.b, self.c, k)
+
+    def ungroup(self, x):
+        k = x.shape[-1]
+        x = x.reshape(self.permuted_shape + [k])
+        if not self.identity:
+            x = x.permute(self.inv_perm + [len(self.shape)])
+        return x
+
+    def flat_matrix(self, m):
+        """A ``B + (d, d)`` (or broadcastable) matrix as ``(b, d, d)``."""
+        return m.expand(self.batch_shape + m.shape[-2:]).reshape(self.b, *m.shape[-2:])
+
+    def unflat_matrix(self, m):
+        return m.reshape(self.batch_shape + m.shape[-2:])
+
+
+def vech_indices(d, device):
+    """Row and column indices of the lower triangle in ``torch.tril_indices`` order."""
+    rows, cols = torch.tril_indices(d, d, device=device)
+    return rows, cols
+
+
+def vech(matrix, symmetric):
+    r"""The lower triangle of ``matrix`` as a vector; off-diagonals doubled when ``symmetric``.
+
+    For a symmetric matrix argument the derivative w.r.t. its :math:`d(d+1)/2` unique elements counts each
+    off-diagonal element twice (it appears at ``(i, j)`` and ``(j, i)``).
+    """
+    d = matrix.shape[-1]
+    rows, cols = vech_indices(d, matrix.device)
+    out = matrix[..., rows, cols]
+    if symmetric:
+        out = out * vech_weights(d, matrix.dtype, matrix.device)
+    return out
+
+
+def vech_weights(d, dtype, device):
+    """1 on the diagonal, 2 off it, in ``torch.tril_indices`` order."""
+    rows, cols = vech_indices(d, device)
+    return torch.where(rows == cols, 1.0, 2.0).to(dtype)
+
+
+def gaussian_log_norm(d, half_log_det_sigma):
+    r""":math:`-\frac d2 \log 2\pi - \frac12\log\det\Sigma`."""
+    return -0.5 * d * _LOG_2PI - half_log_det_sigma
+
+
+def entropy_from_half_log_det(d, half_log_det_sigma):
+    return 0.5 * d * (1.0 + _LOG_2PI) + half_log_det_sigma
+
+
+class Residual:
+    r"""The intermediates that ``log_prob`` and every derivative share, for one ``value``.
+
+    ``S = broadcast_shapes(value.shape[:-1], loc.shape[:-1])``. The grouped tensors ``r``, ``z`` (and, on
+    first use, ``alpha``) have shape ``(b, c, d)`` (see :class:`Grouping`); :meth:`full` gives ``S + (d,)``.
+    Built from differentiable operations only, so it also serves double backward.
+    """
+
+    def __init__(self, value, loc, factor, precision):
+        self.precision = precision
+        self.factor = factor
+        self.shape = torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1])
+        self.grouping = Grouping(self.shape, factor.shape[:-2])
+        self.flat_factor = self.grouping.flat_matrix(factor)
+        self.r = self.grouping.group(value - loc)
+        self.z = whiten(self.flat_factor, precision, self.r)
+        self._alpha = None
+
+    @property
+    def alpha(self):
+        if self._alpha is None:
+            self._alpha = unwhiten_t(self.flat_factor, self.precision, self.z)
+        return self._alpha
+
+    def full(self, x):
+        """A grouped ``(b, c, k)`` tensor back in ``S + (k,)``."""
+        return self.grouping.ungroup(x)
+
+    @property
+    def log_prob(self):
+        d = self.factor.shape[-1]
+        log_norm = gaussian_log_norm(d, half_log_det(self.flat_factor, self.precision))
+        lp = log_norm.unsqueeze(-1) - 0.5 * self.z.pow(2).sum(-1)
+        return self.grouping.ungroup(lp.unsqueeze(-1)).squeeze(-1)

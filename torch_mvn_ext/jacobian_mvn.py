@@ -1,0 +1,432 @@
+import torch
+from pyro.distributions.torch_distribution import TorchDistributionMixin
+from pyro.distributions.util import broadcast_shape
+from torch.distributions import MultivariateNormal, constraints
+from torch.distributions.distribution import Distribution
+from torch.distributions.utils import _standard_normal, lazy_property
+
+from . import _autograd
+from ._linalg import (
+    Grouping,
+    Residual,
+    cholesky,
+    color,
+    entropy_from_half_log_det,
+    format_shape,
+    half_log_det,
+    inv_scale_diag,
+    precision_factor,
+    scale_tril_from_factor,
+    sigma_inverse_from_factor,
+    vech,
+    vech_indices,
+    vech_weights,
+)
+
+__all__ = ["JacobianMVN"]
+
+PARAMETRIZATIONS = ("covariance_matrix", "precision_matrix", "scale_tril")
+WRT = ("value", "loc") + PARAMETRIZATIONS
+LAYOUTS = ("full", "vech")
+REDUCTIONS = ("none", "sum")
+
+
+class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
+    r"""A multivariate normal distribution with closed-form per-sample derivatives of its log-density.
+
+    A drop-in for :class:`torch.distributions.MultivariateNormal` (it is one) and for Pyro's
+    ``dist.MultivariateNormal``, parametrized by exactly one of a covariance matrix :math:`\Sigma`, a precision
+    matrix :math:`P = \Sigma^{-1}` or a lower-triangular :math:`L` with :math:`\Sigma = L L^\top`.
+
+    All methods share one triangular factor, computed once in ``__init__`` (also when ``validate_args`` is on):
+    the Cholesky factor :math:`L` of :math:`\Sigma`, or, for the precision parametrization, the lower-triangular
+    :math:`T = L^{-1}` with :math:`P = T^\top T`, so that ``log_prob``, ``entropy`` and the derivatives w.r.t.
+    ``value``, ``loc`` and ``precision_matrix``'s own terms never form :math:`\Sigma` or invert :math:`P`.
+    ``scale_tril``, ``covariance_matrix`` and ``precision_matrix`` are derived lazily, when first asked for.
+
+    Beyond :class:`~torch.distributions.MultivariateNormal` it offers :meth:`jacobian` and
+    :meth:`log_prob_and_grads`, and its ``log_prob`` backpropagates through the same closed form.
+
+    Example::
+
+        >>> d = JacobianMVN(torch.zeros(3), covariance_matrix=torch.eye(3))
+        >>> x = d.sample((5,))
+        >>> d.jacobian(x, "value").shape
+        torch.Size([5, 3])
+
+    Args:
+        loc (Tensor): mean, shape ``batch_shape + (d,)`` (broadcast against the matrix's batch shape).
+        covariance_matrix (Tensor): positive-definite :math:`\Sigma`, shape ``batch_shape + (d, d)``.
+        precision_matrix (Tensor): positive-definite :math:`P`, shape ``batch_shape + (d, d)``.
+        scale_tril (Tensor): lower-triangular :math:`L` with positive diagonal, shape ``batch_shape + (d, d)``.
+        validate_args (bool, optional): check the arguments' constraints, as torch does.
+    """
+
+    arg_constraints = {
+        "loc": constraints.real_vector,
+        "covariance_matrix": constraints.positive_definite,
+        "precision_matrix": constraints.positive_definite,
+        "scale_tril": constraints.lower_cholesky,
+    }
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, loc, covariance_matrix=None, precision_matrix=None, scale_tril=None, validate_args=None):
+        name, matrix = _check_parameters(loc, covariance_matrix, precision_matrix, scale_tril)
+        batch_shape = torch.broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
+        event_shape = loc.shape[-1:]
+        self.loc = loc.expand(batch_shape + event_shape)
+        setattr(self, name, matrix.expand(batch_shape + event_shape + event_shape))
+        self._parametrization = name
+        self._unbroadcasted_loc = loc
+        self._unbroadcasted_matrix = matrix
+        if validate_args is None:
+            validate_args = type(self)._validate_args
+        # torch's own check factorizes the matrix a second time; ours reuses the one factorization.
+        super(MultivariateNormal, self).__init__(batch_shape, event_shape, validate_args=False)
+        self._validate_args = validate_args
+        if validate_args:
+            self._validate_parameter("loc", loc, constraints.real_vector)
+            if name == "scale_tril":
+                self._validate_parameter(name, matrix, constraints.lower_cholesky)
+            else:
+                self._validate_parameter(name, matrix, constraints.symmetric)
+        self._precision_factored = name == "precision_matrix"
+        if name == "scale_tril":
+            self._factor = matrix
+        elif name == "covariance_matrix":
+            self._factor = cholesky(matrix, name)
+        else:
+            self._factor = precision_factor(matrix)
+
+    @staticmethod
+    def infer_shapes(loc, covariance_matrix=None, precision_matrix=None, scale_tril=None):
+        batch_shape, event_shape = loc[:-1], loc[-1:]
+        for matrix in (covariance_matrix, precision_matrix, scale_tril):
+            if matrix is not None:
+                batch_shape = broadcast_shape(batch_shape, matrix[:-2])
+        return batch_shape, event_shape
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(JacobianMVN, _instance)
+        batch_shape = torch.Size(batch_shape)
+        matrix_shape = batch_shape + self.event_shape + self.event_shape
+        new.loc = self.loc.expand(batch_shape + self.event_shape)
+        for name in PARAMETRIZATIONS:
+            if name in self.__dict__:
+                setattr(new, name, self.__dict__[name].expand(matrix_shape))
+        for name in ("_unbroadcasted_scale_tril", "_unbroadcasted_sigma", "_unbroadcasted_sigma_inverse"):
+            if name in self.__dict__:
+                setattr(new, name, self.__dict__[name])
+        new._parametrization = self._parametrization
+        new._unbroadcasted_loc = self._unbroadcasted_loc
+        new._unbroadcasted_matrix = self._unbroadcasted_matrix
+        new._precision_factored = self._precision_factored
+        new._factor = self._factor
+        super(MultivariateNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def parametrization(self):
+        """The matrix argument the distribution was built with: ``"covariance_matrix"``,
+        ``"precision_matrix"`` or ``"scale_tril"``."""
+        return self._parametrization
+
+    @lazy_property
+    def _unbroadcasted_scale_tril(self):
+        return scale_tril_from_factor(self._factor, self._precision_factored)
+
+    @lazy_property
+    def _unbroadcasted_sigma(self):
+        if self._parametrization == "covariance_matrix":
+            return self._unbroadcasted_matrix
+        L = self._unbroadcasted_scale_tril
+        return L @ L.mT
+
+    @lazy_property
+    def _unbroadcasted_sigma_inverse(self):
+        if self._parametrization == "precision_matrix":
+            return self._unbroadcasted_matrix
+        return sigma_inverse_from_factor(self._factor, self._precision_factored)
+
+    @lazy_property
+    def scale_tril(self):
+        return self._unbroadcasted_scale_tril.expand(self._batch_shape + self._event_shape + self._event_shape)
+
+    @lazy_property
+    def covariance_matrix(self):
+        return self._unbroadcasted_sigma.expand(self._batch_shape + self._event_shape + self._event_shape)
+
+    @lazy_property
+    def precision_matrix(self):
+        return self._unbroadcasted_sigma_inverse.expand(self._batch_shape + self._event_shape + self._event_shape)
+
+    @property
+    def mean(self):
+        return self.loc
+
+    @property
+    def mode(self):
+        return self.loc
+
+    @property
+    def variance(self):
+        if self._parametrization == "covariance_matrix":
+            var = self._unbroadcasted_matrix.diagonal(dim1=-2, dim2=-1)
+        else:
+            var = self._unbroadcasted_scale_tril.pow(2).sum(-1)
+        return var.expand(self._batch_shape + self._event_shape)
+
+    def rsample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
+        g = Grouping(shape[:-1], self._factor.shape[:-2])
+        offset = g.ungroup(color(g.flat_matrix(self._factor), self._precision_factored, g.group(eps)))
+        return self.loc + offset
+
+    def log_prob(self, value):
+        value = self._check_value(value)
+        return _autograd.log_prob(value, self.loc, self._factor, self._precision_factored)
+
+    def entropy(self):
+        H = entropy_from_half_log_det(self._event_shape[0], half_log_det(self._factor, self._precision_factored))
+        return H.expand(self._batch_shape)
+
+    def jacobian(self, value, wrt="value", *, layout="full"):
+        r"""Per-sample derivatives of ``log_prob(value)``, in closed form from the one factorization.
+
+        With :math:`r = x - \mu`, :math:`z = L^{-1} r`, :math:`\alpha = \Sigma^{-1} r`:
+
+        * ``"value"``: :math:`-\alpha`; ``"loc"``: :math:`\alpha`;
+        * ``"covariance_matrix"``: :math:`\frac12(\alpha\alpha^\top - \Sigma^{-1})`;
+        * ``"precision_matrix"``: :math:`\frac12(\Sigma - r r^\top)`;
+        * ``"scale_tril"``: :math:`\operatorname{tril}(\alpha z^\top) - \operatorname{diag}(1/L_{ii})`.
+
+        These equal what torch autograd gives through :class:`torch.distributions.MultivariateNormal`. Any
+        ``wrt`` works whatever the parametrization: the matrices are coordinates of the same distribution.
+
+        Args:
+            value (Tensor): points, shape broadcastable with ``batch_shape + (d,)``.
+            wrt (str or sequence of str): ``"value"``, ``"loc"``, ``"covariance_matrix"``,
+                ``"precision_matrix"`` or ``"scale_tril"``; a tuple or list of them returns a dict.
+            layout (str): ``"full"`` for ``(d, d)`` matrices; ``"vech"`` for the lower triangle in
+                ``torch.tril_indices`` order (the derivative w.r.t. the unique elements of the symmetric
+                matrices, so their off-diagonal entries are doubled; ``scale_tril``'s lower triangle as is).
+
+        Returns:
+            Tensor (or dict of them): shape ``S + (d,)`` for ``"value"`` and ``"loc"``, ``S + (d, d)`` for a
+            matrix with ``layout="full"``, ``S + (d*(d+1)//2,)`` with ``layout="vech"``, where
+            ``S = broadcast_shapes(value.shape[:-1], batch_shape)``. Element ``[s]`` is the derivative of
+            ``log_prob(value)[s]`` w.r.t. the parameter of its own batch member.
+        """
+        names = _check_wrt(wrt)
+        _check_choice("layout", layout, LAYOUTS)
+        res = self._residual(value)
+        out = {name: self._per_sample(res, name, layout) for name in names}
+        return out if not isinstance(wrt, str) else out[wrt]
+
+    def log_prob_and_grads(self, value, wrt=None, *, reduction="none", layout="full"):
+        r"""``log_prob(value)`` and its derivatives in one pass: one factorization, shared intermediates, no
+        autograd graph.
+
+        Args:
+            value (Tensor): points, shape broadcastable with ``batch_shape + (d,)``.
+            wrt (sequence of str, optional): names as in :meth:`jacobian`; default
+                ``("value", "loc", self.parametrization)``.
+            reduction (str): ``"none"``: ``grads[k]`` is ``self.jacobian(value, k, layout=layout)``.
+                ``"sum"``: ``grads[k]`` is the gradient of ``log_prob(value).sum()`` w.r.t. the tensor passed
+                for ``k`` (``value``, ``loc`` or the matrix argument), with that tensor's shape, as
+                :func:`torch.autograd.grad` would return it. For a matrix other than the parametrization the
+                shape is ``batch_shape + (d, d)`` (``batch_shape + (d*(d+1)//2,)`` for ``layout="vech"``).
+            layout (str): ``"full"`` or ``"vech"``, as in :meth:`jacobian`.
+
+        Returns:
+            tuple: ``(log_prob, grads)``, ``log_prob`` of shape ``S`` and ``grads`` a dict keyed by ``wrt``.
+        """
+        if wrt is None:
+            wrt = ("value", "loc", self._parametrization)
+        names = _check_wrt(wrt)
+        _check_choice("layout", layout, LAYOUTS)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        res = self._residual(value)
+        if reduction == "none":
+            grads = {name: self._per_sample(res, name, layout) for name in names}
+        else:
+            grads = {name: self._summed(res, name, layout, value.shape) for name in names}
+        return res.log_prob, grads
+
+    # ----------------------------------------------------------------------------------------------
+    # Private helpers shared by the derivative methods.
+
+    def _check_value(self, value):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"value must be a torch.Tensor, got {type(value).__name__}")
+        if value.dim() < 1 or value.shape[-1:] != self._event_shape:
+            raise ValueError(
+                f"value has shape {format_shape(value.shape)} but the distribution's event shape is "
+                f"{format_shape(self._event_shape)}: the last dimension of value must be {self._event_shape[0]}"
+            )
+        try:
+            torch.broadcast_shapes(value.shape[:-1], self._batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"value has shape {format_shape(value.shape)}, which does not broadcast with the distribution's "
+                f"batch_shape + event_shape {format_shape(self._batch_shape + self._event_shape)}"
+            ) from None
+        if self._validate_args:
+            self._validate_sample(value)
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"value contains NaN or infinite entries:\n{value}")
+        if value.dtype != self.loc.dtype:
+            value = value.to(self.loc.dtype)
+        return value
+
+    def _residual(self, value):
+        return Residual(self._check_value(value), self.loc, self._factor, self._precision_factored)
+
+    def _per_sample(self, res, name, layout):
+        if name == "value":
+            return -res.full(res.alpha)
+        if name == "loc":
+            return res.full(res.alpha)
+        if layout == "full":
+            out = self._outer_term(res, name)
+            # Each step below is in place: the S + (d, d) result is the only tensor of that size.
+            if name == "scale_tril":
+                out.tril_()
+                out.diagonal(dim1=-2, dim2=-1).sub_(self._scale_diag_term())
+            else:
+                out.sub_(self._constant_term(name)).mul_(0.5)
+            return out
+        d = self._event_shape[0]
+        rows, cols = vech_indices(d, self.loc.device)
+        u, v = self._outer_factors(res, name)
+        out = u[..., rows] * v[..., cols]
+        if name == "scale_tril":
+            correction = self._scale_diag_term()[..., rows] * (rows == cols)
+            return out.sub_(correction)
+        weights = 0.5 * vech_weights(d, out.dtype, out.device)
+        return out.sub_(self._constant_term(name)[..., rows, cols]).mul_(weights)
+
+    def _outer_factors(self, res, name):
+        """``(u, v)`` of shape ``S + (d,)`` with the sample-dependent term ``± u v^T`` of the matrix gradient."""
+        if name == "covariance_matrix":
+            a = res.full(res.alpha)
+            return a, a
+        if name == "precision_matrix":
+            r = res.full(res.r)
+            return r, -r
+        return res.full(res.alpha), res.full(res.z)
+
+    def _outer_term(self, res, name):
+        u, v = self._outer_factors(res, name)
+        return u.unsqueeze(-1) * v.unsqueeze(-2)
+
+    def _constant_term(self, name):
+        """The sample-independent term of the symmetric matrix gradients (before the factor 1/2)."""
+        if name == "covariance_matrix":
+            return self._unbroadcasted_sigma_inverse
+        return -self._unbroadcasted_sigma
+
+    def _scale_diag_term(self):
+        """:math:`1 / L_{ii}`, shape ``factor_batch + (d,)``."""
+        return inv_scale_diag(self._factor, self._precision_factored)
+
+    def _summed(self, res, name, layout, value_shape):
+        if name == "value":
+            return (-res.full(res.alpha)).sum_to_size(value_shape)
+        if name == "loc":
+            return res.full(res.alpha).sum_to_size(self._unbroadcasted_loc.shape)
+        # Sum over the samples that share one member of the target's batch shape: one GEMM each.
+        if name == self._parametrization:
+            batch_shape = self._unbroadcasted_matrix.shape[:-2]
+        else:
+            batch_shape = self._batch_shape
+        g = Grouping(res.shape, batch_shape)
+        u, v = (g.group(t) for t in self._outer_factors(res, name))
+        count = g.c
+        out = u.mT @ v
+        if name == "scale_tril":
+            diag = inv_scale_diag(g.flat_matrix(self._factor), self._precision_factored)
+            out = out.tril() - count * torch.diag_embed(diag)
+        else:
+            out = 0.5 * (out - count * g.flat_matrix(self._constant_term(name)))
+        out = g.unflat_matrix(out)
+        if layout == "vech":
+            return vech(out, symmetric=name != "scale_tril")
+        return out
+
+    def _validate_parameter(self, name, value, constraint):
+        if not bool(constraint.check(value).all()):
+            raise ValueError(
+                f"Expected parameter {name} (Tensor of shape {format_shape(value.shape)}) of distribution "
+                f"{type(self).__name__} to satisfy the constraint {constraint!r}, but found invalid values:\n{value}"
+            )
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}(loc: {format_shape(self.loc.shape)}, "
+            f"{self._parametrization}: {format_shape(self.loc.shape + self._event_shape)})"
+        )
+
+
+def _check_parameters(loc, covariance_matrix, precision_matrix, scale_tril):
+    given = {
+        name: m
+        for name, m in zip(PARAMETRIZATIONS, (covariance_matrix, precision_matrix, scale_tril))
+        if m is not None
+    }
+    if len(given) != 1:
+        got = " and ".join(given) if given else "none"
+        raise ValueError(
+            f"Exactly one of covariance_matrix, precision_matrix or scale_tril must be given; got {got}"
+        )
+    ((name, matrix),) = given.items()
+    for arg, t in (("loc", loc), (name, matrix)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{arg} has dtype {t.dtype}, but JacobianMVN needs floating-point tensors")
+    if loc.dim() < 1:
+        raise ValueError("loc must be at least one-dimensional, with its event dimension last; got a 0-d tensor")
+    if matrix.dim() < 2 or matrix.shape[-1] != matrix.shape[-2]:
+        raise ValueError(
+            f"{name} must be a square matrix (with optional leading batch dimensions), "
+            f"but has shape {format_shape(matrix.shape)}"
+        )
+    if matrix.shape[-1] != loc.shape[-1]:
+        raise ValueError(
+            f"loc has shape {format_shape(loc.shape)} but {name} has shape {format_shape(matrix.shape)}: "
+            f"their event sizes {loc.shape[-1]} and {matrix.shape[-1]} differ"
+        )
+    try:
+        torch.broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"loc has shape {format_shape(loc.shape)} and {name} has shape {format_shape(matrix.shape)}: "
+            f"their batch shapes {format_shape(loc.shape[:-1])} and {format_shape(matrix.shape[:-2])} "
+            f"do not broadcast"
+        ) from None
+    if loc.dtype != matrix.dtype:
+        raise ValueError(
+            f"loc has dtype {loc.dtype} but {name} has dtype {matrix.dtype}; pass both in one dtype "
+            f"(e.g. loc.to({name}.dtype))"
+        )
+    if loc.device != matrix.device:
+        raise ValueError(f"loc is on device {loc.device} but {name} is on device {matrix.device}")
+    return name, matrix
+
+
+def _check_choice(arg, value, allowed):
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{arg} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _check_wrt(wrt):
+    names = (wrt,) if isinstance(wrt, str) else wrt
+    if not isinstance(names, (tuple, list)) or not names:
+        raise ValueError(f"wrt must be one of {', '.join(map(repr, WRT))} or a tuple/list of them; got {wrt!r}")
+    for name in names:
+        _check_choice("wrt", name, WRT)
+    return tuple(names)

@@ -1,0 +1,1 @@
+"""KL divergences between JacobianMVN and related distributions, registered with torch."""
