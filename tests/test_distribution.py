@@ -183,7 +183,7 @@ def test_one_factorization_with_validation(parametrization, monkeypatch):
 def test_pickle_deepcopy_and_torch_save(parametrization, assert_close):
     loc = torch.randn(2, D, dtype=torch.float64)
     d = JacobianMVN(loc, **{parametrization: matrix_for(parametrization, random_spd((2,), D))})
-    d.scale_tril  # a cached lazy attribute travels too
+    assert d.scale_tril.shape == (2, D, D)  # a cached lazy attribute travels too
     x = torch.randn(4, 2, D, dtype=torch.float64)
     buffer = io.BytesIO()
     torch.save(d, buffer)

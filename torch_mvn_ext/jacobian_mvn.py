@@ -2,7 +2,6 @@ import torch
 from pyro.distributions.torch_distribution import TorchDistributionMixin
 from pyro.distributions.util import broadcast_shape
 from torch.distributions import MultivariateNormal, constraints
-from torch.distributions.distribution import Distribution
 from torch.distributions.utils import _standard_normal, lazy_property
 
 from . import _autograd
