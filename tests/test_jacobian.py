@@ -1,0 +1,188 @@
+"""jacobian() and log_prob_and_grads() against per-sample autograd through torch's MultivariateNormal."""
+
+import pytest
+import torch
+from helpers import MATRICES, PARAMETRIZATIONS, SHAPE_GRID, SHAPE_IDS, WRT, matrix_for, random_spd
+from torch.distributions import MultivariateNormal
+from torch.func import grad, vmap
+
+from torch_mvn_ext import JacobianMVN
+
+D = 3
+
+
+def reference_jacobian(loc, cov, x, wrt):
+    """Per-sample gradients by torch.func.vmap(grad) through torch's MVN parametrized by ``wrt``'s matrix."""
+    shape = torch.broadcast_shapes(x.shape[:-1], loc.shape[:-1], cov.shape[:-2])
+    xs = x.expand(shape + (D,)).reshape(-1, D)
+    locs = loc.expand(shape + (D,)).reshape(-1, D)
+    matrix_name = wrt if wrt in MATRICES else "covariance_matrix"
+    mats = matrix_for(matrix_name, cov).expand(shape + (D, D)).reshape(-1, D, D)
+
+    def log_prob(x, loc, m):
+        return MultivariateNormal(loc, **{matrix_name: m}, validate_args=False).log_prob(x)
+
+    argnum = {"value": 0, "loc": 1}.get(wrt, 2)
+    out = vmap(grad(log_prob, argnums=argnum))(xs, locs, mats)
+    return out.reshape(shape + out.shape[1:])
+
+
+def vech_by_finite_differences(loc, cov, x, wrt, h=1e-6):
+    """Central differences of log_prob w.r.t. each unique element of ``wrt``'s matrix."""
+    m = matrix_for(wrt, cov)
+    rows, cols = torch.tril_indices(D, D)
+    columns = []
+    for i, j in zip(rows.tolist(), cols.tolist()):
+        e = torch.zeros(D, D, dtype=m.dtype)
+        e[i, j] = 1.0
+        if wrt != "scale_tril":
+            e[j, i] = 1.0
+        plus = MultivariateNormal(loc, **{wrt: m + h * e}).log_prob(x)
+        minus = MultivariateNormal(loc, **{wrt: m - h * e}).log_prob(x)
+        columns.append((plus - minus) / (2 * h))
+    return torch.stack(columns, -1)
+
+
+@pytest.mark.parametrize("shapes", SHAPE_GRID, ids=SHAPE_IDS)
+@pytest.mark.parametrize("wrt", WRT)
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_full_layout_matches_per_sample_autograd(parametrization, wrt, shapes, assert_close):
+    loc_batch, mat_batch, x_batch = shapes
+    loc = torch.randn(*loc_batch, D, dtype=torch.float64)
+    cov = random_spd(mat_batch, D)
+    x = torch.randn(*x_batch, D, dtype=torch.float64)
+    d = JacobianMVN(loc, **{parametrization: matrix_for(parametrization, cov)})
+    jac = d.jacobian(x, wrt)
+    expected = reference_jacobian(loc, cov, x, wrt)
+    S = torch.broadcast_shapes(x.shape[:-1], d.batch_shape)
+    assert jac.shape == S + ((D,) if wrt in ("value", "loc") else (D, D))
+    assert_close(jac, expected)
+
+
+@pytest.mark.parametrize("shapes", SHAPE_GRID[:6], ids=SHAPE_IDS[:6])
+@pytest.mark.parametrize("wrt", MATRICES)
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_vech_layout_matches_finite_differences(parametrization, wrt, shapes):
+    loc_batch, mat_batch, x_batch = shapes
+    loc = torch.randn(*loc_batch, D, dtype=torch.float64)
+    cov = random_spd(mat_batch, D)
+    x = torch.randn(*x_batch, D, dtype=torch.float64)
+    d = JacobianMVN(loc, **{parametrization: matrix_for(parametrization, cov)})
+    jac = d.jacobian(x, wrt, layout="vech")
+    assert jac.shape == d.log_prob(x).shape + (D * (D + 1) // 2,)
+    torch.testing.assert_close(jac, vech_by_finite_differences(loc, cov, x, wrt), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("wrt", MATRICES)
+def test_vech_is_the_lower_triangle_of_full(wrt, assert_close):
+    d = JacobianMVN(torch.randn(2, D, dtype=torch.float64), covariance_matrix=random_spd((2,), D))
+    x = torch.randn(5, 2, D, dtype=torch.float64)
+    full = d.jacobian(x, wrt)
+    rows, cols = torch.tril_indices(D, D)
+    weight = 1.0 if wrt == "scale_tril" else torch.where(rows == cols, 1.0, 2.0).double()
+    assert_close(d.jacobian(x, wrt, layout="vech"), full[..., rows, cols] * weight)
+    if wrt == "scale_tril":
+        assert (full.triu(1) == 0).all()
+    else:
+        assert_close(full, full.mT)
+
+
+def test_tuple_wrt_returns_a_dict_and_layout_is_ignored_for_vectors(assert_close):
+    d = JacobianMVN(torch.zeros(D, dtype=torch.float64), scale_tril=torch.linalg.cholesky(random_spd((), D)))
+    x = torch.randn(4, D, dtype=torch.float64)
+    out = d.jacobian(x, ["value", "scale_tril"], layout="vech")
+    assert isinstance(out, dict) and list(out) == ["value", "scale_tril"]
+    assert_close(out["value"], d.jacobian(x, "value", layout="full"))
+    assert_close(out["scale_tril"], d.jacobian(x, "scale_tril", layout="vech"))
+
+
+@pytest.mark.parametrize("layout", ["full", "vech"])
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_log_prob_and_grads_none_equals_jacobian(parametrization, layout, assert_close):
+    loc = torch.randn(2, 1, D, dtype=torch.float64)
+    d = JacobianMVN(loc, **{parametrization: matrix_for(parametrization, random_spd((3,), D))})
+    x = torch.randn(4, 2, 3, D, dtype=torch.float64)
+    lp, grads = d.log_prob_and_grads(x, layout=layout)
+    assert list(grads) == ["value", "loc", parametrization]
+    assert_close(lp, d.log_prob(x))
+    for name, g in grads.items():
+        assert_close(g, d.jacobian(x, name, layout=layout))
+    _, all_grads = d.log_prob_and_grads(x, WRT, layout=layout)
+    assert list(all_grads) == list(WRT)
+
+
+SUM_CASES = [
+    # (loc shape, matrix batch, value shape): the issue's broadcasting case first.
+    ((3, D), (), (7, 1, D)),
+    ((D,), (), (7, D)),
+    ((2, 1, D), (3,), (5, 2, 3, D)),
+    ((4, D), (4,), (4, D)),
+    ((D,), (2,), (1, D)),
+]
+
+
+@pytest.mark.parametrize("case", SUM_CASES, ids=[str(c) for c in SUM_CASES])
+@pytest.mark.parametrize("layout", ["full", "vech"])
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_sum_reduction_matches_autograd(parametrization, layout, case, assert_close):
+    loc_shape, mat_batch, x_shape = case
+    loc = torch.randn(loc_shape, dtype=torch.float64, requires_grad=True)
+    cov = random_spd(mat_batch, D)
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    d = JacobianMVN(loc.detach(), **{parametrization: matrix_for(parametrization, cov)})
+    lp, grads = d.log_prob_and_grads(x.detach(), WRT, reduction="sum", layout=layout)
+    for name in WRT:
+        if name in MATRICES:
+            # The tensor the user passed for the parametrization; the batch_shape matrix for the others.
+            m = matrix_for(name, cov)
+            if name != parametrization:
+                m = m.expand(d.batch_shape + (D, D))
+            m = m.clone().requires_grad_()
+            ref_lp = MultivariateNormal(loc, **{name: m}).log_prob(x)
+            expected = torch.autograd.grad(ref_lp.sum(), m)[0]
+            if layout == "vech":
+                rows, cols = torch.tril_indices(D, D)
+                weight = 1.0 if name == "scale_tril" else torch.where(rows == cols, 1.0, 2.0).double()
+                expected = expected[..., rows, cols] * weight
+        else:
+            ref_lp = MultivariateNormal(loc, covariance_matrix=cov).log_prob(x)
+            expected = torch.autograd.grad(ref_lp.sum(), {"value": x, "loc": loc}[name])[0]
+        assert grads[name].shape == expected.shape, name
+        assert_close(grads[name], expected, msg=name)
+    assert_close(lp, ref_lp.detach())
+
+
+def test_sum_reduction_builds_no_autograd_graph():
+    loc = torch.zeros(D, dtype=torch.float64)
+    d = JacobianMVN(loc, covariance_matrix=random_spd((), D))
+    lp, grads = d.log_prob_and_grads(torch.randn(5, D, dtype=torch.float64), reduction="sum")
+    assert lp.grad_fn is None and all(g.grad_fn is None for g in grads.values())
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_jacobian_is_differentiable(parametrization, assert_close):
+    """A score-matching loss on jacobian(x, "value") backpropagates like the autograd-built score."""
+    cov = random_spd((), D)
+    m = matrix_for(parametrization, cov).requires_grad_()
+    loc = torch.randn(D, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, D, dtype=torch.float64, requires_grad=True)
+    loss = JacobianMVN(loc, **{parametrization: m}).jacobian(x, "value").pow(2).sum()
+    ours = torch.autograd.grad(loss, (loc, m))
+
+    def score(x):
+        lp = MultivariateNormal(loc, **{parametrization: m}).log_prob(x).sum()
+        return torch.autograd.grad(lp, x, create_graph=True)[0]
+
+    expected = torch.autograd.grad(score(x).pow(2).sum(), (loc, m))
+    for a, b in zip(ours, expected):
+        assert_close(a, b)
+
+
+def test_float32_jacobians_match_float64_reference():
+    cov = random_spd((2,), D)
+    loc = torch.randn(2, D, dtype=torch.float64)
+    x = torch.randn(9, 2, D, dtype=torch.float64)
+    d64 = JacobianMVN(loc, covariance_matrix=cov)
+    d32 = JacobianMVN(loc.float(), covariance_matrix=cov.float())
+    for wrt in WRT:
+        torch.testing.assert_close(d32.jacobian(x.float(), wrt), d64.jacobian(x, wrt).float(), rtol=1e-4, atol=1e-5)
