@@ -12,6 +12,7 @@ terms of ``z`` and :math:`\alpha = \Sigma^{-1} r = L^{-\top} z`.
 """
 
 import math
+import operator
 
 import torch
 
@@ -208,3 +209,133 @@ class Residual:
         log_norm = gaussian_log_norm(d, half_log_det(self.flat_factor, self.precision))
         lp = log_norm.unsqueeze(-1) - 0.5 * self.z.pow(2).sum(-1)
         return self.grouping.ungroup(lp.unsqueeze(-1)).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Information geometry and Gaussian algebra: Fisher information, natural gradients, marginals, conditionals.
+
+
+def symmetric_fisher_vech(m):
+    r"""Fisher information in the vech coordinates of a symmetric matrix parameter, shape ``m.shape[:-2] + (k, k)``.
+
+    For :math:`\Sigma` pass ``m`` :math:`= P`, for :math:`P` pass ``m`` :math:`= \Sigma`: in both cases the score
+    w.r.t. the unique element :math:`(i, j)` is :math:`\frac{w_{ij}}2 (\pm u_i u_j - \text{const})` with
+    :math:`u \sim N(0, M)` (:math:`u = \alpha` or :math:`u = r`) and :math:`w_{ij}` = 1 on the diagonal, 2 off it,
+    so Isserlis' theorem gives
+
+    .. math:: F_{(ij),(kl)} = \frac{w_{ij} w_{kl}}{4} (M_{ik} M_{jl} + M_{il} M_{jk}),
+
+    which is :math:`\frac12 D^\top (M \otimes M) D` with the duplication matrix :math:`D` (Magnus & Neudecker,
+    *Matrix Differential Calculus*, ch. 18), gathered entry by entry instead of through the :math:`d^2 \times d^2`
+    Kronecker product. ``k = d(d+1)/2``, pairs in ``torch.tril_indices`` order.
+    """
+    d = m.shape[-1]
+    rows, cols = vech_indices(d, m.device)
+    i, j, k, l = rows[:, None], cols[:, None], rows[None, :], cols[None, :]
+    f = m[..., i, k] * m[..., j, l] + m[..., i, l] * m[..., j, k]
+    w = 0.5 * vech_weights(d, m.dtype, m.device)
+    return f * (w[:, None] * w[None, :])
+
+
+def tril_fisher_vech(precision, inv_diag):
+    r"""Fisher information in the coordinates of the lower triangle of :math:`L` (:math:`\Sigma = L L^\top`).
+
+    The score w.r.t. :math:`L_{ij}`, :math:`i \ge j`, is :math:`\alpha_i z_j - \delta_{ij} / L_{ii}` with
+    :math:`z \sim N(0, I)` and :math:`\alpha = L^{-\top} z`. Isserlis' theorem gives
+    :math:`\operatorname{Cov} = P_{ik}\delta_{jl} + (L^{-1})_{li} (L^{-1})_{jk}`, and the second term vanishes unless
+    :math:`i = j = k = l` because :math:`L^{-1}` is lower-triangular:
+
+    .. math:: F_{(ij),(kl)} = P_{ik}\,\delta_{jl} + \delta_{ik}\delta_{jl}\delta_{ij} / L_{ii}^2,
+
+    one block :math:`P_{j:, j:}` per column :math:`j`, plus :math:`1 / L_{jj}^2` at the diagonal entries.
+    ``inv_diag`` is :math:`1 / L_{ii}`, shape ``B + (d,)``; the result has shape ``B + (k, k)``.
+    """
+    d = precision.shape[-1]
+    rows, cols = vech_indices(d, precision.device)
+    f = precision[..., rows[:, None], rows[None, :]] * (cols[:, None] == cols[None, :])
+    on_diagonal = inv_diag[..., rows].pow(2) * (rows == cols)
+    return f + torch.diag_embed(on_diagonal)
+
+
+def sigma_matvec(factor, precision, x):
+    r""":math:`\Sigma x = L L^\top x` for grouped ``x`` of shape ``(b, c, d)``; two triangular solves for a
+    precision factor (:math:`L = T^{-1}`), so :math:`\Sigma` is never formed."""
+    if precision:
+        y = torch.linalg.solve_triangular(factor.mT, x.mT, upper=True)
+        return torch.linalg.solve_triangular(factor, y, upper=False).mT
+    return (x @ factor) @ factor.mT
+
+
+def tril_natural_gradient(scale_tril, grad):
+    r""":math:`L\,\Phi(L^\top G)` with :math:`\Phi(X) = \operatorname{tril}(X, -1) + \frac12 \operatorname{diag}(X)`.
+
+    With :math:`A = L^{-1} dL` (lower-triangular), :math:`d\Sigma = dL\,L^\top + L\,dL^\top` turns the Fisher metric
+    :math:`\frac12 \operatorname{tr}(P\,d\Sigma\,P\,d\Sigma)` into :math:`\frac12 \|A + A^\top\|_F^2`. The natural
+    gradient :math:`\Delta = L A_\Delta` satisfies :math:`\langle A_\Delta + A_\Delta^\top, A\rangle =
+    \langle G, L A\rangle = \langle L^\top G, A\rangle` for every lower-triangular :math:`A`, whence
+    :math:`A_\Delta = \Phi(L^\top G)`: it solves the :func:`tril_fisher_vech` system in O(d^3). Only the lower
+    triangle of ``grad`` matters.
+    """
+    x = scale_tril.mT @ grad.tril()
+    x = x.tril(-1) + 0.5 * torch.diag_embed(x.diagonal(dim1=-2, dim2=-1))
+    return scale_tril @ x
+
+
+def symmetrize(matrix):
+    return 0.5 * (matrix + matrix.mT)
+
+
+def event_dims(dims, d):
+    r"""``dims`` as a list of event indices in ``[0, d)``; negative ones count from the end, as in Python indexing.
+
+    Accepts a list, tuple or range of integers or a 1-d integer tensor; ``ValueError`` for anything else, for an
+    index out of range and for repeated indices.
+    """
+    if isinstance(dims, torch.Tensor):
+        if dims.dim() != 1 or dims.dtype.is_floating_point or dims.dtype.is_complex or dims.dtype == torch.bool:
+            raise ValueError(
+                f"dims must be a sequence of ints; got a tensor of dtype {dims.dtype} and shape "
+                f"{format_shape(dims.shape)}"
+            )
+        dims = dims.tolist()
+    if not isinstance(dims, (list, tuple, range)):
+        raise ValueError(f"dims must be a sequence (list, tuple or range) of event indices; got {dims!r}")
+    out = []
+    for i in dims:
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise ValueError(f"dims must contain ints; got {i!r} in {list(dims)}")
+        i = operator.index(i)
+        if not -d <= i < d:
+            raise ValueError(f"dims contains {i}, out of range for event size {d} (allowed: {-d} to {d - 1})")
+        out.append(i % d)
+    repeated = sorted({i for i in out if out.count(i) > 1})
+    if repeated:
+        raise ValueError(f"dims {list(dims)} repeats the event index(es) {repeated}")
+    return out
+
+
+def sub_block(matrix, rows, cols):
+    """``matrix[..., rows, :][..., :, cols]`` for lists of indices, in one gather."""
+    r = torch.tensor(rows, dtype=torch.long, device=matrix.device)
+    c = torch.tensor(cols, dtype=torch.long, device=matrix.device)
+    return matrix[..., r[:, None], c[None, :]]
+
+
+def check_event_tensor(name, t, event_shape, batch_shape, what="the distribution's event shape"):
+    """Checks that ``t`` is a tensor ending in ``event_shape`` (``what``) whose batch broadcasts with
+    ``batch_shape``; returns the broadcast batch shape."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    n = len(event_shape)
+    if t.dim() < n or t.shape[t.dim() - n :] != event_shape:
+        raise ValueError(
+            f"{name} has shape {format_shape(t.shape)} but must end in {format_shape(event_shape)} "
+            f"({what})"
+        )
+    try:
+        return torch.broadcast_shapes(t.shape[: t.dim() - n], batch_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} has shape {format_shape(t.shape)}, whose batch shape {format_shape(t.shape[: t.dim() - n])} "
+            f"does not broadcast with the distribution's batch_shape {format_shape(batch_shape)}"
+        ) from None

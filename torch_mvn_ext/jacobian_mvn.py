@@ -8,18 +8,27 @@ from . import _autograd
 from ._linalg import (
     Grouping,
     Residual,
+    check_event_tensor,
     cholesky,
     color,
     entropy_from_half_log_det,
+    event_dims,
     format_shape,
     half_log_det,
     inv_scale_diag,
     precision_factor,
     scale_tril_from_factor,
     sigma_inverse_from_factor,
+    sigma_matvec,
+    sub_block,
+    symmetric_fisher_vech,
+    symmetrize,
+    tril_fisher_vech,
+    tril_natural_gradient,
     vech,
     vech_indices,
     vech_weights,
+    whiten,
 )
 
 __all__ = ["JacobianMVN"]
@@ -254,6 +263,249 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         else:
             grads = {name: self._summed(res, name, layout, value.shape) for name in names}
         return res.log_prob, grads
+
+    def hessian(self, value, wrt="value"):
+        r"""Per-sample Hessian of ``log_prob(value)`` w.r.t. ``value`` or ``loc``, without autograd.
+
+        :math:`\log p` is quadratic in :math:`r = x - \mu`, so both Hessians are :math:`-P` for every point.
+
+        Args:
+            value (Tensor): points, shape broadcastable with ``batch_shape + (d,)`` (checked as in
+                :meth:`log_prob`; only its shape enters the result).
+            wrt (str): ``"value"`` or ``"loc"``.
+
+        Returns:
+            Tensor: :math:`-P` as an expanded view of shape ``S + (d, d)``, where
+            ``S = broadcast_shapes(value.shape[:-1], batch_shape)``.
+        """
+        _check_choice("wrt", wrt, ("value", "loc"))
+        value = self._check_value(value)
+        shape = torch.broadcast_shapes(value.shape[:-1], self._batch_shape) + self._event_shape + self._event_shape
+        return (-self._unbroadcasted_sigma_inverse).expand(shape)
+
+    def fisher_information(self, wrt="loc", *, layout="vech"):
+        r"""The Fisher information matrix of each batch member, in closed form, in the coordinates of ``wrt``.
+
+        It is the covariance of the per-sample score ``jacobian(x, wrt, layout="vech")`` under ``x ~ self`` and
+        minus the expected Hessian of ``log_prob`` in those coordinates. With index pairs :math:`(i, j)`,
+        :math:`(k, l)` of the lower triangle (``torch.tril_indices`` order) and :math:`w_{ij}` = 1 on the
+        diagonal, 2 off it:
+
+        * ``"loc"``: :math:`P`;
+        * ``"covariance_matrix"``: :math:`\frac{w_{ij} w_{kl}}{4}(P_{ik}P_{jl} + P_{il}P_{jk})`, that is
+          :math:`\frac12 D^\top (P \otimes P) D` with the duplication matrix :math:`D`;
+        * ``"precision_matrix"``: the same with :math:`\Sigma` in place of :math:`P`;
+        * ``"scale_tril"``: :math:`P_{ik}\delta_{jl} + \delta_{ik}\delta_{jl}\delta_{ij} / L_{ii}^2`.
+
+        The matrices are gathered entry by entry (:math:`O(k^2)` per member), never through a
+        :math:`d^2 \times d^2` Kronecker product.
+
+        Args:
+            wrt (str): ``"loc"``, ``"covariance_matrix"``, ``"precision_matrix"`` or ``"scale_tril"``.
+            layout (str): ``"vech"``, the only layout for the matrices (in the full layout the
+                :math:`d^2 \times d^2` Fisher matrix is singular); ignored for ``"loc"``.
+
+        Returns:
+            Tensor: shape ``batch_shape + (d, d)`` for ``"loc"`` and ``batch_shape + (k, k)``,
+            ``k = d*(d+1)//2``, for a matrix (an expanded view of one matrix per member of the parameters' batch).
+        """
+        _check_choice("wrt", wrt, WRT[1:])
+        _check_choice("layout", layout, LAYOUTS)
+        if wrt == "loc":
+            info = self._unbroadcasted_sigma_inverse
+        elif layout == "full":
+            raise ValueError(
+                f"fisher_information(wrt={wrt!r}) needs layout='vech': in the full (d, d) layout the d^2 x d^2 "
+                f"Fisher matrix is singular (the matrix has only d*(d+1)/2 free entries)"
+            )
+        elif wrt == "covariance_matrix":
+            info = symmetric_fisher_vech(self._unbroadcasted_sigma_inverse)
+        elif wrt == "precision_matrix":
+            info = symmetric_fisher_vech(self._unbroadcasted_sigma)
+        else:
+            info = tril_fisher_vech(self._unbroadcasted_sigma_inverse, self._scale_diag_term())
+        return info.expand(self._batch_shape + info.shape[-2:])
+
+    def natural_gradient(self, grads):
+        r"""Natural gradients :math:`F^{-1} g` from Euclidean ones, in :math:`O(d^3)` per member, never forming
+        :math:`F`.
+
+        * ``"loc"``: :math:`\Sigma g` (two triangular solves for a precision-parametrized distribution);
+        * ``"covariance_matrix"``: :math:`2 \Sigma G \Sigma`;
+        * ``"precision_matrix"``: :math:`2 P G P`;
+        * ``"scale_tril"``: :math:`L\,\Phi(L^\top G)`, :math:`\Phi(X) = \operatorname{tril}(X, -1) +
+          \frac12 \operatorname{diag}(X)`.
+
+        ``G`` is the gradient in full ``(d, d)`` form, as :meth:`jacobian` or autograd returns it. Only its
+        symmetric part is a gradient in the :math:`d(d+1)/2` free coordinates of a symmetric matrix, so it is
+        symmetrized first; for ``"scale_tril"`` only its lower triangle counts. The vech of each result solves
+        ``fisher_information(name) @ vech_result = vech_gradient``, where ``vech_gradient`` is the gradient in the
+        vech coordinates (``jacobian``'s ``layout="vech"`` convention: off-diagonals of the symmetric matrices
+        doubled). The Fisher information of a Gaussian is block-diagonal in ``(loc, matrix)``, so each key is
+        transformed on its own.
+
+        Args:
+            grads (dict): ``"loc"`` → tensor broadcastable with ``batch_shape + (d,)``, and/or one of
+                ``"covariance_matrix"``, ``"precision_matrix"``, ``"scale_tril"`` → tensor broadcastable with
+                ``batch_shape + (d, d)``.
+
+        Returns:
+            dict: the same keys; shape ``broadcast_shapes(g.shape[:-1], batch_shape) + (d,)`` for ``"loc"`` and
+            ``broadcast_shapes(G.shape[:-2], batch_shape) + (d, d)`` for the matrix.
+        """
+        allowed = WRT[1:]
+        if not isinstance(grads, dict) or not grads:
+            raise ValueError(
+                f"grads must be a non-empty dict keyed by 'loc' and/or one of {', '.join(map(repr, allowed[1:]))}; "
+                f"got {type(grads).__name__}{' (empty)' if isinstance(grads, dict) else ''}"
+            )
+        for name in grads:
+            _check_choice("each key of grads", name, allowed)
+        matrices = [name for name in grads if name != "loc"]
+        if len(matrices) > 1:
+            raise ValueError(
+                f"grads has gradients w.r.t. {' and '.join(matrices)}: they are coordinates of the same distribution, "
+                f"so pass the gradient w.r.t. one of them"
+            )
+        event, dtype = self._event_shape, self.loc.dtype
+        out = {}
+        for name, g in grads.items():
+            key = f"grads[{name!r}]"
+            if name == "loc":
+                shape = check_event_tensor(key, g, event, self._batch_shape)
+                grouping = Grouping(shape, self._factor.shape[:-2])
+                x = grouping.group(g.to(dtype))
+                x = sigma_matvec(grouping.flat_matrix(self._factor), self._precision_factored, x)
+                out[name] = grouping.ungroup(x)
+                continue
+            shape = check_event_tensor(key, g, event + event, self._batch_shape)
+            g = g.to(dtype)
+            if name == "scale_tril":
+                nat = tril_natural_gradient(self._unbroadcasted_scale_tril, g)
+            else:
+                m = self._unbroadcasted_sigma if name == "covariance_matrix" else self._unbroadcasted_sigma_inverse
+                nat = 2.0 * symmetrize(m @ symmetrize(g) @ m)
+            out[name] = nat.expand(shape + event + event)
+        return out
+
+    def marginal(self, dims):
+        r"""The distribution of ``x[..., dims]``.
+
+        Its mean is ``loc[..., dims]`` and its covariance :math:`\Sigma_{aa}` with :math:`a` = ``dims``. The result
+        is built the cheapest way the factor allows:
+
+        * ``dims`` = ``[0, 1, ..., m-1]``: the leading block of the factor is the factor of the marginal (the
+          ``scale_tril`` :math:`L_{aa}`; for a precision factor the marginal precision :math:`T_{aa}^\top T_{aa}`);
+        * otherwise, precision-parametrized: the Schur complement
+          :math:`P_{aa} - P_{ab} P_{bb}^{-1} P_{ba}` through the Cholesky factor of :math:`P_{bb}` (no inverse,
+          :math:`\Sigma` never formed), returned precision-parametrized;
+        * otherwise: ``covariance_matrix`` :math:`\Sigma_{aa}` (a sub-block of the given covariance, or
+          :math:`L_{a:} L_{a:}^\top`).
+
+        Args:
+            dims (sequence of int): the event indices to keep, in the order wanted, no repeats; negative indices
+                count from the end as in Python indexing.
+
+        Returns:
+            JacobianMVN: batch shape ``batch_shape``, event shape ``(len(dims),)``; differentiable w.r.t. ``loc``
+            and the matrix.
+        """
+        d = self._event_shape[0]
+        a = event_dims(dims, d)
+        if not a:
+            raise ValueError("marginal(dims) needs at least one event index; dims is empty")
+        m = len(a)
+        loc = self._unbroadcasted_loc[..., a]
+        if a == list(range(m)):
+            block = self._factor[..., :m, :m]
+            if self._precision_factored:
+                name, matrix = "precision_matrix", block.mT @ block
+            else:
+                name, matrix = "scale_tril", block
+        elif self._precision_factored:
+            precision = self._unbroadcasted_matrix
+            b = [i for i in range(d) if i not in set(a)]
+            name, matrix = "precision_matrix", sub_block(precision, a, a)
+            if b:
+                c = cholesky(sub_block(precision, b, b), "precision_matrix")
+                w = torch.linalg.solve_triangular(c, sub_block(precision, b, a), upper=False)
+                matrix = symmetrize(matrix - w.mT @ w)
+        elif self._parametrization == "covariance_matrix":
+            name, matrix = "covariance_matrix", sub_block(self._unbroadcasted_matrix, a, a)
+        else:
+            rows = self._factor[..., a, :]
+            name, matrix = "covariance_matrix", rows @ rows.mT
+        return JacobianMVN(loc, **{name: matrix}, validate_args=self._validate_args)
+
+    def condition(self, dims, value):
+        r"""The distribution of the remaining coordinates (in their original order) given ``x[..., dims] = value``.
+
+        With :math:`b` = ``dims``, :math:`a` the rest and :math:`r_b = x_b - \mu_b`, the conditional is
+        :math:`N(\mu_a + \Sigma_{ab}\Sigma_{bb}^{-1} r_b,\ \Sigma_{aa} - \Sigma_{ab}\Sigma_{bb}^{-1}\Sigma_{ba})
+        = N(\mu_a - P_{aa}^{-1} P_{ab} r_b,\ P_{aa}^{-1})`. Computed without any inverse:
+
+        * ``dims`` are the leading coordinates (in any order): with the factor split in blocks, the conditional's
+          factor is the trailing block of the distribution's own. ``scale_tril`` :math:`L_{aa}` and mean
+          :math:`\mu_a + L_{ab} L_{bb}^{-1} r_b`; for a precision factor the precision :math:`P_{aa} =
+          T_{aa}^\top T_{aa}` and mean :math:`\mu_a - T_{aa}^{-1} T_{ab} r_b`. No new factorization for the mean.
+        * otherwise, precision-parametrized: precision :math:`P_{aa}` (a sub-block) and the mean through a
+          Cholesky solve with :math:`P_{aa}`; :math:`\Sigma` is never formed.
+        * otherwise: the Schur complement through the Cholesky factor :math:`C` of :math:`\Sigma_{bb}`:
+          :math:`W = C^{-1}\Sigma_{ba}`, covariance :math:`\Sigma_{aa} - W^\top W` and mean
+          :math:`\mu_a + W^\top C^{-1} r_b` — the same arithmetic as a blocked Cholesky factorization of
+          :math:`\Sigma` permuted to :math:`(b, a)` order, at the cost of one :math:`O(d^3/3)` factorization.
+
+        Args:
+            dims (sequence of int): the observed event indices, no repeats; negative indices count from the end as
+                in Python indexing. An empty ``dims`` conditions on nothing; all ``d`` indices leave nothing and
+                raise ``ValueError``.
+            value (Tensor): the observed values, shape ``B + (len(dims),)`` with ``B`` broadcastable with
+                ``batch_shape``; ``value[..., i]`` is the value of coordinate ``dims[i]``.
+
+        Returns:
+            JacobianMVN: batch shape ``broadcast_shapes(B, batch_shape)``, event shape ``(d - len(dims),)``;
+            differentiable w.r.t. ``loc``, the matrix and ``value``.
+        """
+        d = self._event_shape[0]
+        b = event_dims(dims, d)
+        a = [i for i in range(d) if i not in set(b)]
+        if not a:
+            raise ValueError(
+                f"condition(dims={list(dims)}) observes all {d} coordinates, which leaves no coordinate to condition"
+            )
+        m = len(b)
+        shape = check_event_tensor("value", value, torch.Size([m]), self._batch_shape, what=f"len(dims) = {m}")
+        if not m:
+            return self.expand(shape)
+        value = value.to(self.loc.dtype)
+        loc, factor, precision = self._unbroadcasted_loc, self._factor, self._precision_factored
+        g = Grouping(shape, factor.shape[:-2])
+        if sorted(b) == list(range(m)):
+            value = value[..., sorted(range(m), key=b.__getitem__)]  # now in coordinate order 0, ..., m-1
+            r = g.group(value - loc[..., :m])
+            cross, trailing = g.flat_matrix(factor[..., m:, :m]), factor[..., m:, m:]
+            if precision:
+                # -T_aa^{-1} T_ab r_b: one product and one triangular solve.
+                shift = -whiten(g.flat_matrix(trailing), False, r @ cross.mT)
+                name, matrix = "precision_matrix", self._unbroadcasted_matrix[..., m:, m:]
+            else:
+                shift = whiten(g.flat_matrix(factor[..., :m, :m]), False, r) @ cross.mT
+                name, matrix = "scale_tril", trailing
+        else:
+            r = g.group(value - loc[..., b])
+            if precision:
+                p = self._unbroadcasted_matrix
+                name, matrix = "precision_matrix", sub_block(p, a, a)
+                c = g.flat_matrix(cholesky(matrix, "precision_matrix"))
+                shift = -torch.cholesky_solve((r @ g.flat_matrix(sub_block(p, a, b)).mT).mT, c).mT
+            else:
+                sigma = self._unbroadcasted_sigma
+                c = cholesky(sub_block(sigma, b, b), "covariance_matrix")
+                w = torch.linalg.solve_triangular(c, sub_block(sigma, b, a), upper=False)
+                name, matrix = "covariance_matrix", symmetrize(sub_block(sigma, a, a) - w.mT @ w)
+                shift = whiten(g.flat_matrix(c), False, r) @ g.flat_matrix(w)
+        mean = loc[..., a] + g.ungroup(shift)
+        return JacobianMVN(mean, **{name: matrix}, validate_args=self._validate_args)
 
     # ----------------------------------------------------------------------------------------------
     # Private helpers shared by the derivative methods.
