@@ -211,3 +211,16 @@ def test_argument_errors():
         with pytest.raises(ValueError, match=message):
             call()
     assert math.isfinite(d.condition([0, 1], two).log_prob(torch.zeros(3, dtype=torch.float64)).sum().item())
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_expanded_distribution_keeps_its_batch_shape(parametrization, assert_close):
+    matrix = matrix_for(parametrization, random_spd((), D))
+    d = JacobianMVN(torch.randn(D, dtype=torch.float64), **{parametrization: matrix})
+    big = d.expand((4, 2))
+    value = torch.randn(2, 2, dtype=torch.float64)
+    for dims in ([0, 1], [3, 1]):
+        m, c = big.marginal(dims), big.condition(dims, value)
+        assert m.batch_shape == c.batch_shape == (4, 2)
+        assert_close(m.covariance_matrix, d.marginal(dims).covariance_matrix.expand(4, 2, 2, 2))
+        assert_close(c.mean, d.condition(dims, value).mean.expand(4, 2, D - 2))

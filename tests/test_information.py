@@ -212,3 +212,17 @@ def test_natural_gradient_errors():
         d.natural_gradient({"loc": torch.zeros(4, 2, dtype=torch.float64)})
     with pytest.raises(ValueError, match=r"does not broadcast with the distribution's batch_shape \(4,\)"):
         d.natural_gradient({"covariance_matrix": eye.expand(5, D, D)})
+
+
+def test_expanded_distribution_keeps_its_batch_shape(assert_close):
+    cov = random_spd((), D)
+    d = JacobianMVN(torch.randn(D, dtype=torch.float64), precision_matrix=matrix_for("precision_matrix", cov))
+    big = d.expand((4, 2))
+    assert big.hessian(torch.zeros(3, 1, 1, D, dtype=torch.float64)).shape == (3, 4, 2, D, D)
+    for wrt in COORDINATES:
+        info = d.fisher_information(wrt)
+        assert_close(big.fisher_information(wrt), info.expand((4, 2) + info.shape))
+    ones, eye = torch.ones(D, dtype=torch.float64), torch.eye(D, dtype=torch.float64)
+    nat = big.natural_gradient({"loc": ones, "covariance_matrix": eye})
+    assert_close(nat["loc"], (cov @ ones).expand(4, 2, D))
+    assert_close(nat["covariance_matrix"], (2 * cov @ cov).expand(4, 2, D, D))

@@ -435,7 +435,8 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         else:
             rows = self._factor[..., a, :]
             name, matrix = "covariance_matrix", rows @ rows.mT
-        return JacobianMVN(loc, **{name: matrix}, validate_args=self._validate_args)
+        out = JacobianMVN(loc, **{name: matrix}, validate_args=self._validate_args)
+        return out if out.batch_shape == self._batch_shape else out.expand(self._batch_shape)
 
     def condition(self, dims, value):
         r"""The distribution of the remaining coordinates (in their original order) given ``x[..., dims] = value``.
@@ -481,7 +482,8 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         loc, factor, precision = self._unbroadcasted_loc, self._factor, self._precision_factored
         g = Grouping(shape, factor.shape[:-2])
         if sorted(b) == list(range(m)):
-            value = value[..., sorted(range(m), key=b.__getitem__)]  # now in coordinate order 0, ..., m-1
+            if b != sorted(b):
+                value = value[..., sorted(range(m), key=b.__getitem__)]  # now in coordinate order 0, ..., m-1
             r = g.group(value - loc[..., :m])
             cross, trailing = g.flat_matrix(factor[..., m:, :m]), factor[..., m:, m:]
             if precision:
