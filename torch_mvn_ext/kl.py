@@ -24,6 +24,10 @@ root, ``v``: a diagonal part; either may be absent), so that
 
 one quadratic form of ``q`` evaluated on ``R`` and :math:`\delta` stacked: a single batched triangular solve (or
 matmul) per member of ``q``'s factor batch gives the trace and the Mahalanobis terms together.
+
+Every rule is differentiable, broadcasts ``p``'s batch shape against ``q``'s, and traces into one graph under
+``torch.compile(fullgraph=True)``. (torch's ``kl_divergence`` resolves a new pair of types with a dispatcher that
+dynamo cannot trace, for any registration; once a pair has been called eagerly the lookup is memoized.)
 """
 
 import torch
@@ -171,8 +175,8 @@ def _kl(p, q):
     vp, vq = _view(p), _view(q)
     d = p.event_shape[0]
     x = (vp.loc - vq.loc).unsqueeze(-2)
-    if vp.rows is not None:
-        rows = vp.rows
+    rows = vp.rows
+    if rows is not None:
         batch_shape = torch.broadcast_shapes(rows.shape[:-2], x.shape[:-2])
         x = torch.cat([rows.expand(batch_shape + rows.shape[-2:]), x.expand(batch_shape + (1, d))], dim=-2)
     quad = vq.quad(x)
