@@ -74,6 +74,7 @@ def timed(fn, *args):
 
 def bench_svi(d, n, likelihood, rounds):
     data, model_for, guide_for = make_problem(d, n, likelihood)
+    pyro.clear_param_store()
     svis = {}
     for name, mvn in IMPLS.items():
         optim = pyro.optim.Adam({"lr": 1e-3})
