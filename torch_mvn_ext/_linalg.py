@@ -47,8 +47,13 @@ def precision_factor(precision_matrix):
 
 
 def half_log_det(factor, precision):
-    r""":math:`\frac12 \log\det\Sigma`, shape ``factor.shape[:-2]``."""
-    s = factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    r""":math:`\frac12 \log\det\Sigma`, shape ``factor.shape[:-2]``.
+
+    :math:`\sum_i \log|F_{ii}|`: an unvalidated ``scale_tril`` with a negative diagonal entry still factors
+    :math:`\Sigma = L L^\top` (and ``rsample`` draws from it), so its log-density is finite, not NaN; the
+    derivative :math:`1/F_{ii}` of :math:`\log|F_{ii}|` is what the closed-form gradients already use.
+    """
+    s = factor.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
     return -s if precision else s
 
 

@@ -527,10 +527,12 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
                 f"value has shape {format_shape(value.shape)}, which does not broadcast with the distribution's "
                 f"batch_shape + event_shape {format_shape(self._batch_shape + self._event_shape)}"
             ) from None
+        if value.device != self.loc.device:
+            raise ValueError(f"value is on device {value.device} but the distribution is on device {self.loc.device}")
         if self._validate_args:
-            self._validate_sample(value)
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"value contains NaN or infinite entries:\n{value}")
+            self._validate_sample(value)
         if value.dtype != self.loc.dtype:
             value = value.to(self.loc.dtype)
         return value

@@ -1,0 +1,103 @@
+"""Accuracy under stress against an extended-precision reference: never worse than torch's MultivariateNormal.
+
+The cases, the exactly representable matrices and the reference are those of ``benchmarks/accuracy.py`` (which
+prints the full table at larger sizes); here they run small. For every quantity torch also computes, our relative
+error must stay within ``FACTOR`` times torch's (or below a floor of a few ulps); for derivatives torch cannot take
+(w.r.t. a matrix it was not given) it must stay below the first-order bound ``BOUND * cond * eps``.
+"""
+
+import importlib.util
+import math
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+_SPEC = importlib.util.spec_from_file_location("accuracy", _PATH)
+accuracy = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(accuracy)
+
+FACTOR = 4.0
+FLOOR_ULPS = 16
+BOUND = 2.0
+
+# (id, dtype, d, number of points, condition number, scale, tail factor)
+CASES = [
+    ("float32-cond1e4", torch.float32, 16, 64, 1e4, 1.0, 1.0),
+    ("float32-cond1e6", torch.float32, 16, 64, 1e6, 1.0, 1.0),
+    ("float32-d128", torch.float32, 128, 4, 1e2, 1.0, 1.0),
+    ("float32-2000-points", torch.float32, 4, 2000, 1e2, 1.0, 1.0),
+    ("float32-scale1e-6", torch.float32, 8, 32, 1e2, 1e-6, 1.0),
+    ("float32-scale1e6", torch.float32, 8, 32, 1e2, 1e6, 1.0),
+    ("float32-tails", torch.float32, 8, 32, 1e2, 1.0, 1e3),
+    ("float64-cond1e10", torch.float64, 16, 64, 1e10, 1.0, 1.0),
+    ("float64-cond1e12", torch.float64, 16, 64, 1e12, 1.0, 1.0),
+    ("float64-d128", torch.float64, 128, 4, 1e6, 1.0, 1.0),
+    ("float64-2000-points", torch.float64, 4, 2000, 1e6, 1.0, 1.0),
+    ("float64-scale1e-6", torch.float64, 8, 32, 1e6, 1e-6, 1.0),
+    ("float64-scale1e6", torch.float64, 8, 32, 1e6, 1e6, 1.0),
+    ("float64-tails", torch.float64, 8, 32, 1e6, 1.0, 1e3),
+]
+
+needs_extended = pytest.mark.skipif(
+    not accuracy.EXTENDED_PRECISION, reason="numpy.longdouble has no extra precision on this platform"
+)
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """Relative errors of every case and parametrization, measured once: ``{(case id, parametrization): errors}``."""
+    out = {}
+    for case_id, dtype, d, n, condition, scale, tail in CASES:
+        if dtype == torch.float64 and not accuracy.EXTENDED_PRECISION:
+            continue
+        g = torch.Generator().manual_seed(0)
+        p = accuracy.make_case(d, n, condition, scale, tail, generator=g)
+        q = accuracy.make_case(d, 1, condition, scale, tail, generator=g)
+        for parametrization in accuracy.PARAMETRIZATIONS:
+            out[case_id, parametrization] = accuracy.measure(dtype, parametrization, p, q)
+    return out
+
+
+@pytest.mark.parametrize("parametrization", accuracy.PARAMETRIZATIONS)
+@pytest.mark.parametrize(
+    "case_id, dtype, condition",
+    [pytest.param(c[0], c[1], c[4], marks=[needs_extended] if c[1] == torch.float64 else []) for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_at_least_as_accurate_as_torch(measured, case_id, dtype, condition, parametrization):
+    eps = torch.finfo(dtype).eps
+    condition = 2.0 ** round(math.log2(condition))
+    failures = []
+    for quantity, (ours, theirs) in measured[case_id, parametrization].items():
+        assert math.isfinite(ours), quantity
+        limit = BOUND * condition * eps if theirs is None else max(FACTOR * theirs, FLOOR_ULPS * eps)
+        if ours > limit:
+            failures.append(f"{quantity}: {ours:.2e} > {limit:.2e} (torch: {theirs})")
+    assert not failures, failures
+
+
+@needs_extended
+def test_reference_is_far_more_accurate_than_float64():
+    """The extended-precision inverse of an exactly stored covariance with condition number ~1e12 matches its
+    exactly known inverse to ~cond * 1e-19, a thousand times below float64's own error cond * 1e-16."""
+    loc, cov, prec, _ = accuracy.make_case(16, 1, 1e12, generator=torch.Generator().manual_seed(0))
+    _, reference_prec, _, _ = accuracy._gaussian("covariance_matrix", cov, accuracy.LD)
+    exact = prec.numpy().astype(accuracy.LD)
+    error = float(np.abs(reference_prec - exact).max() / np.abs(exact).max())
+    float64_error = (torch.cholesky_inverse(torch.linalg.cholesky(cov)) - prec).abs().max() / prec.abs().max()
+    assert error < 1e-6 and error < float64_error.item() / 100
+
+
+@needs_extended
+def test_exact_construction():
+    """Every entry of the covariance and of its inverse is stored exactly: their product, summed in extended
+    precision (where these dyadic sums are exact), is the identity to the last bit; the condition number is the one
+    asked for."""
+    _, cov, prec, _ = accuracy.make_case(64, 1, 2.0**30, scale=2.0**-10, generator=torch.Generator().manual_seed(1))
+    product = cov.numpy().astype(accuracy.LD) @ prec.numpy().astype(accuracy.LD)
+    assert np.array_equal(product, np.eye(64))
+    eig = torch.linalg.eigvalsh(cov)
+    assert abs((eig.max() / eig.min()).log2().item() - 30) < 1e-4
