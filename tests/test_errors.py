@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 from helpers import random_spd
-from torch.distributions import MultivariateNormal
+from torch.distributions import MultivariateNormal, kl_divergence
 
 from torch_mvn_ext import JacobianMVN
 
@@ -32,7 +32,7 @@ def x(*shape):
     return torch.zeros(shape, dtype=torch.float64)
 
 
-def nan_at_one(value):
+def with_second_entry(value):
     out = x(D)
     out[1] = value
     return out
@@ -89,7 +89,7 @@ CASES = [
      r"Expected parameter scale_tril .*LowerCholesky"),
     ("validate-scale-tril-zero-diagonal", lambda: dist(scale_tril=NOT_PD.clamp(min=0)), ValueError,
      r"Expected parameter scale_tril .*LowerCholesky"),
-    ("validate-loc-nan", lambda: JacobianMVN(nan_at_one(float("nan")), eye(), validate_args=True), ValueError,
+    ("validate-loc-nan", lambda: JacobianMVN(with_second_entry(float("nan")), eye(), validate_args=True), ValueError,
      r"Expected parameter loc \(Tensor of shape \(3,\)\)"),
     # Without validation a matrix that is not positive definite still fails at its factorization, by name.
     ("covariance-not-positive-definite", lambda: dist(False, covariance_matrix=NOT_PD), ValueError,
@@ -99,11 +99,11 @@ CASES = [
     ("covariance-nan", lambda: dist(False, covariance_matrix=eye() * float("nan")), ValueError,
      r"covariance_matrix is not positive definite"),
     # Values.
-    ("validate-value-nan", lambda: dist().log_prob(nan_at_one(float("nan"))), ValueError,
+    ("validate-value-nan", lambda: dist().log_prob(with_second_entry(float("nan"))), ValueError,
      r"value contains NaN or infinite entries"),
-    ("validate-value-inf", lambda: dist().log_prob(nan_at_one(float("inf"))), ValueError,
+    ("validate-value-inf", lambda: dist().log_prob(with_second_entry(float("inf"))), ValueError,
      r"value contains NaN or infinite entries"),
-    ("validate-jacobian-value-inf", lambda: dist().jacobian(nan_at_one(-float("inf"))), ValueError,
+    ("validate-jacobian-value-inf", lambda: dist().jacobian(with_second_entry(-float("inf"))), ValueError,
      r"value contains NaN or infinite entries"),
     ("value-not-tensor", lambda: dist().log_prob([0.0, 0.0, 0.0]), ValueError,
      r"value must be a torch.Tensor, got list"),
@@ -150,31 +150,30 @@ CASES += [
     ("log_prob_and_grads-unknown-reduction", lambda: dist().log_prob_and_grads(x(D), reduction="mean"), ValueError,
      r"reduction must be one of 'none', 'sum'; got 'mean'"),
 ]
-if hasattr(JacobianMVN, "hessian"):
-    CASES += [
-        ("hessian-unknown-wrt", lambda: dist().hessian(x(D), "covariance_matrix"), ValueError,
-         r"wrt must be one of 'value', 'loc'; got 'covariance_matrix'"),
-        ("hessian-event-size", lambda: dist().hessian(x(2, 4)), ValueError, WRONG_EVENT),
-    ]
-if hasattr(JacobianMVN, "fisher_information"):
-    CASES += [
-        ("fisher_information-unknown-wrt", lambda: dist().fisher_information("value"), ValueError,
-         r"wrt must be one of 'loc', 'covariance_matrix', 'precision_matrix', 'scale_tril'; got 'value'"),
-        ("fisher_information-full-layout", lambda: dist().fisher_information("covariance_matrix", layout="full"),
-         ValueError, r"layout='vech'.*singular"),
-    ]
-if hasattr(JacobianMVN, "natural_gradient"):
-    CASES += [
-        ("natural_gradient-unknown-key", lambda: dist().natural_gradient({"value": x(D)}), ValueError,
-         r"'loc'.*'covariance_matrix'.*got 'value'"),
-        ("natural_gradient-event-size", lambda: dist().natural_gradient({"loc": x(4)}), ValueError,
-         r"grads\['loc'\] has shape \(4,\)"),
-    ]
-if hasattr(JacobianMVN, "marginal"):
-    CASES += [
-        ("marginal-out-of-range", lambda: dist().marginal([0, 3]), ValueError, r"dims contains 3, out of range"),
-        ("condition-value-size", lambda: dist().condition([0], x(2)), ValueError, r"value has shape \(2,\)"),
-    ]
+CASES += [
+    ("kl-event-size", lambda: kl_divergence(dist(), JacobianMVN(torch.zeros(4), torch.eye(4))), ValueError,
+     r"kl_divergence\(p, q\) needs equal event shapes, but p \(JacobianMVN\) has event_shape \(3,\) and q "
+     r"\(JacobianMVN\) has event_shape \(4,\)"),
+    ("kl-batch-shape", lambda: kl_divergence(JacobianMVN(loc(2), eye()), MultivariateNormal(loc(4), eye())),
+     ValueError, r"needs broadcastable batch shapes, but p \(JacobianMVN\) has batch_shape \(2,\) and q "
+     r"\(MultivariateNormal\) has batch_shape \(4,\)"),
+]
+# The Gaussian-algebra methods.
+CASES += [
+    ("hessian-unknown-wrt", lambda: dist().hessian(x(D), "covariance_matrix"), ValueError,
+     r"wrt must be one of 'value', 'loc'; got 'covariance_matrix'"),
+    ("hessian-event-size", lambda: dist().hessian(x(2, 4)), ValueError, WRONG_EVENT),
+    ("fisher_information-unknown-wrt", lambda: dist().fisher_information("value"), ValueError,
+     r"wrt must be one of 'loc', 'covariance_matrix', 'precision_matrix', 'scale_tril'; got 'value'"),
+    ("fisher_information-full-layout", lambda: dist().fisher_information("covariance_matrix", layout="full"),
+     ValueError, r"layout='vech'.*singular"),
+    ("natural_gradient-unknown-key", lambda: dist().natural_gradient({"value": x(D)}), ValueError,
+     r"'loc'.*'covariance_matrix'.*got 'value'"),
+    ("natural_gradient-event-size", lambda: dist().natural_gradient({"loc": x(4)}), ValueError,
+     r"grads\['loc'\] has shape \(4,\)"),
+    ("marginal-out-of-range", lambda: dist().marginal([0, 3]), ValueError, r"dims contains 3, out of range"),
+    ("condition-value-size", lambda: dist().condition([0], x(2)), ValueError, r"value has shape \(2,\)"),
+]
 
 
 @pytest.mark.parametrize("call, exception, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
