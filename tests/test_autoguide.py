@@ -5,7 +5,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO, TraceGraph_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, init_to_median, init_to_sample, init_to_value
 from pyro.optim import ClippedAdam
 from pyro_models import ConjugateGaussian
@@ -99,16 +99,20 @@ def test_init_loc_fn_and_init_scale():
             AutoJacobianMVN(hierarchical_model, init_scale=bad)
 
 
-def test_svi_trajectory_matches_auto_multivariate_normal(assert_close):
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("elbo", [Trace_ELBO, TraceGraph_ELBO, JitTrace_ELBO])
+def test_svi_trajectory_matches_auto_multivariate_normal(elbo, assert_close):
     """Same ELBO, same gradients, same parameters after several Adam steps."""
     trajectories = []
     for guide in make_guides():
-        svi = SVI(hierarchical_model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+        loss = elbo(ignore_jit_warnings=True) if elbo is JitTrace_ELBO else elbo()
+        svi = SVI(hierarchical_model, guide, pyro.optim.Adam({"lr": 0.05}), loss)
         pyro.set_rng_seed(3)
-        losses = torch.tensor([svi.step(DATA) for _ in range(20)], dtype=torch.float64)
+        losses = torch.tensor([svi.step(DATA) for _ in range(10)], dtype=torch.float64)
         trajectories.append((losses, {k: v.detach().clone() for k, v in guide.named_parameters()}))
     (losses, params), (ref_losses, ref_params) = trajectories
-    assert_close(losses, ref_losses)
+    # Traced by torch.jit, torch's MultivariateNormal.log_prob keeps its d * log(2 pi) in float32 (see test_pyro).
+    assert_close(losses, ref_losses, **(dict(rtol=1e-7, atol=0) if elbo is JitTrace_ELBO else {}))
     for name in params:
         assert_close(params[name], ref_params[name])
 
