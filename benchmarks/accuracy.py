@@ -1,7 +1,8 @@
 r"""Relative error of ``log_prob``, every ``jacobian`` and KL of JacobianMVN and of torch's MultivariateNormal.
 
 Both are run on the same float32 or float64 inputs and compared with a reference computed from those exact inputs
-in extended precision (``numpy.longdouble``: a 64-bit mantissa on x86-64, ~1e-19). The matrices are built exactly:
+in higher precision: float64 for float32 inputs, ``numpy.longdouble`` (a 64-bit mantissa on x86-64, ~1e-19) for
+float64 inputs. The matrices are built exactly:
 :math:`\Sigma = \frac1d S H \operatorname{diag}(e) H^\top S^\top` with ``H`` a Sylvester Hadamard matrix, ``S`` a random
 signed permutation and ``e`` powers of two, so every entry is a dyadic rational that float64 stores without rounding
 and the condition number is known exactly. float32 inputs are that matrix rounded to float32; the reference is then
