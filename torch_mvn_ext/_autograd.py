@@ -53,10 +53,13 @@ class LogProb(torch.autograd.Function):
         if grad is None:
             return None, None, None, None
         value, loc, factor, z, alpha = ctx.saved_tensors
-        res = Residual(value, loc, factor, ctx.precision)
         if torch.is_grad_enabled():
             # create_graph=True: use the rebuilt, differentiable intermediates.
+            res = Residual(value, loc, factor, ctx.precision)
             z, alpha = res.z, res.alpha
+        else:
+            # The saved z and alpha: no second solve.
+            res = Residual(value, loc, factor, ctx.precision, z=z, alpha=alpha)
         g = res.grouping
         weights = g.group(grad.unsqueeze(-1))
         grad_value = grad_loc = grad_factor = None

@@ -23,6 +23,22 @@ def format_shape(shape):
     return str(tuple(shape))
 
 
+def broadcast_shapes(*shapes):
+    r"""``torch.broadcast_shapes`` (same result, same ``RuntimeError``) without its ~10 µs of Python per call,
+    which counts on every ``log_prob`` of a single point."""
+    if torch.compiler.is_compiling():
+        return torch.broadcast_shapes(*shapes)
+    n = max(len(s) for s in shapes)
+    out = [1] * n
+    for s in shapes:
+        for i, k in enumerate(s, n - len(s)):
+            if k != 1:
+                if out[i] != 1 and out[i] != k:
+                    raise RuntimeError(f"Shape mismatch: objects cannot be broadcast to a single shape: {shapes}")
+                out[i] = k
+    return torch.Size(out)
+
+
 def cholesky(matrix, name):
     r"""Lower Cholesky factor of ``matrix``, with an error that names the argument if it is not positive definite."""
     try:
@@ -67,6 +83,8 @@ def whiten(factor, precision, x):
     r""":math:`z = L^{-1} x` for grouped ``x`` of shape ``(b, c, d)`` and ``factor`` of shape ``(b, d, d)``."""
     if precision:
         return x @ factor.mT
+    if _right_solve(x):
+        return torch.linalg.solve_triangular(factor.mT, x, upper=True, left=False).contiguous()
     # solve_triangular(L, X^T) on row-major X hands LAPACK a column-major right-hand side: no copy.
     return torch.linalg.solve_triangular(factor, x.mT, upper=False).mT
 
@@ -75,7 +93,20 @@ def unwhiten_t(factor, precision, z):
     r""":math:`L^{-\top} z` (so :math:`\alpha = \Sigma^{-1} r` from :math:`z = L^{-1} r`), grouped."""
     if precision:
         return z @ factor
+    if _right_solve(z):
+        return torch.linalg.solve_triangular(factor, z, upper=False, left=False).contiguous()
     return torch.linalg.solve_triangular(factor.mT, z.mT, upper=True).mT
+
+
+def _right_solve(x):
+    """Whether to solve from the right (``X A = B``) on row-major ``x``: the same TRSM, another memory layout.
+
+    Measured with torch 2.13's CPU build (MKL), d = 16..256: in float32 the right solve runs 1.5-3x faster than
+    the left solve on ``x^T``, even with the copy that returns its column-major result row-major (elementwise
+    work on a transposed layout, e.g. the ``N x d x d`` outer products, is several times slower); in float64 the
+    left solve is as fast or faster.
+    """
+    return x.dtype == torch.float32 and x.device.type == "cpu"
 
 
 def color(factor, precision, eps):
@@ -188,15 +219,15 @@ class Residual:
     Built from differentiable operations only, so it also serves double backward.
     """
 
-    def __init__(self, value, loc, factor, precision):
+    def __init__(self, value, loc, factor, precision, z=None, alpha=None):
         self.precision = precision
         self.factor = factor
-        self.shape = torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1])
+        self.shape = broadcast_shapes(value.shape[:-1], loc.shape[:-1])
         self.grouping = Grouping(self.shape, factor.shape[:-2])
         self.flat_factor = self.grouping.flat_matrix(factor)
         self.r = self.grouping.group(value - loc)
-        self.z = whiten(self.flat_factor, precision, self.r)
-        self._alpha = None
+        self.z = whiten(self.flat_factor, precision, self.r) if z is None else z
+        self._alpha = alpha
 
     @property
     def alpha(self):

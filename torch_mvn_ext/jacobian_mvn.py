@@ -8,6 +8,7 @@ from . import _autograd
 from ._linalg import (
     Grouping,
     Residual,
+    broadcast_shapes,
     check_event_tensor,
     cholesky,
     color,
@@ -81,7 +82,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
 
     def __init__(self, loc, covariance_matrix=None, precision_matrix=None, scale_tril=None, validate_args=None):
         name, matrix = _check_parameters(loc, covariance_matrix, precision_matrix, scale_tril)
-        batch_shape = torch.broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
+        batch_shape = broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
         event_shape = loc.shape[-1:]
         self.loc = loc.expand(batch_shape + event_shape)
         setattr(self, name, matrix.expand(batch_shape + event_shape + event_shape))
@@ -97,7 +98,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             self._validate_parameter("loc", loc, constraints.real_vector)
             if name == "scale_tril":
                 self._validate_parameter(name, matrix, constraints.lower_cholesky)
-            else:
+            elif not torch.equal(matrix, matrix.mT):  # exactly symmetric, the usual case: no tolerance check
                 self._validate_parameter(name, matrix, constraints.symmetric)
         self._precision_factored = name == "precision_matrix"
         if name == "scale_tril":
@@ -521,7 +522,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
                 f"{format_shape(self._event_shape)}: the last dimension of value must be {self._event_shape[0]}"
             )
         try:
-            torch.broadcast_shapes(value.shape[:-1], self._batch_shape)
+            broadcast_shapes(value.shape[:-1], self._batch_shape)
         except RuntimeError:
             raise ValueError(
                 f"value has shape {format_shape(value.shape)}, which does not broadcast with the distribution's "
@@ -530,9 +531,10 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         if value.device != self.loc.device:
             raise ValueError(f"value is on device {value.device} but the distribution is on device {self.loc.device}")
         if self._validate_args:
+            # The shape checks above and finiteness cover torch's _validate_sample (support real_vector: no NaN)
+            # without a second pass over value.
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"value contains NaN or infinite entries:\n{value}")
-            self._validate_sample(value)
         if value.dtype != self.loc.dtype:
             value = value.to(self.loc.dtype)
         return value
@@ -656,7 +658,7 @@ def _check_parameters(loc, covariance_matrix, precision_matrix, scale_tril):
             f"their event sizes {loc.shape[-1]} and {matrix.shape[-1]} differ"
         )
     try:
-        torch.broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
+        broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
     except RuntimeError:
         raise ValueError(
             f"loc has shape {format_shape(loc.shape)} and {name} has shape {format_shape(matrix.shape)}: "
