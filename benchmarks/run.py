@@ -536,18 +536,19 @@ def plot(results, path):
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    colors = {d: f"C{i}" for i, d in enumerate(sorted({r["d"] for r in speed}))}
     for ax, (case, baseline) in zip(axes.flat, panels):
         for dtype, style in (("float32", "-"), ("float64", "--")):
-            for d in sorted({r["d"] for r in speed}):
+            for d, color in colors.items():
                 pts = sorted(
                     (r["N"], r["speedup"])
                     for r in speed
                     if (r["case"], r["baseline"], r["dtype"], r["d"]) == (case, baseline, dtype, d)
                 )
                 if pts:
-                    ax.plot(*zip(*pts), style, marker="o", label=f"d={d} {dtype}")
+                    ax.plot(*zip(*pts), style, color=color, marker="o", label=f"d={d} {dtype}")
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"{case} vs {baseline}", fontsize=9)
         ax.set_xlabel("N")
