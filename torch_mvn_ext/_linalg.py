@@ -84,7 +84,7 @@ def whiten(factor, precision, x):
     if precision:
         return x @ factor.mT
     if _right_solve(x):
-        return torch.linalg.solve_triangular(factor.mT, x, upper=True, left=False).contiguous()
+        return torch.linalg.solve_triangular(factor.mT, x, upper=True, left=False)  # column-major result
     # solve_triangular(L, X^T) on row-major X hands LAPACK a column-major right-hand side: no copy.
     return torch.linalg.solve_triangular(factor, x.mT, upper=False).mT
 
@@ -102,9 +102,10 @@ def _right_solve(x):
     """Whether to solve from the right (``X A = B``) on row-major ``x``: the same TRSM, another memory layout.
 
     Measured with torch 2.13's CPU build (MKL), d = 16..256: in float32 the right solve runs 1.5-3x faster than
-    the left solve on ``x^T``, even with the copy that returns its column-major result row-major (elementwise
-    work on a transposed layout, e.g. the ``N x d x d`` outer products, is several times slower); in float64 the
-    left solve is as fast or faster.
+    the left solve on ``x^T``; in float64 the left solve is as fast or faster. The right solve returns a
+    column-major result: :func:`whiten` leaves ``z`` so (it feeds solves, GEMMs and reductions), :func:`unwhiten_t`
+    copies ``alpha`` to row-major, as users receive it and as the ``N x d x d`` outer products need it (elementwise
+    work on the transposed layout is several times slower).
     """
     return x.dtype == torch.float32 and x.device.type == "cpu"
 

@@ -574,7 +574,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         if name == "precision_matrix":
             r = res.full(res.r)
             return r, -r
-        return res.full(res.alpha), res.full(res.z)
+        return res.full(res.alpha), res.full(res.z).contiguous()  # z may be column-major (see _linalg.whiten)
 
     def _outer_term(self, res, name):
         u, v = self._outer_factors(res, name)
