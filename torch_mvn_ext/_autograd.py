@@ -14,19 +14,28 @@ The backward is written with differentiable operations, so double backward works
 vmap rule make ``torch.func`` transforms work.
 """
 
+import inspect
+
 import torch
 
-from ._linalg import Grouping, Residual
+from ._linalg import Residual, sigma_inverse_from_factor
 
 
-def _factor_gradient(res, weights, alpha, z):
+def _residual(value, loc, factor, precision, z=None):
+    r"""The shared intermediates; :math:`\alpha` from a GEMM with :math:`\Sigma^{-1}` when many samples share it."""
+    return Residual(
+        value, loc, factor, precision, z=z, sigma_inverse=lambda: sigma_inverse_from_factor(factor, precision)
+    )
+
+
+def _factor_gradient(res, weights):
     """The closed-form gradient w.r.t. the factor, summed over the samples of each factor member."""
-    wsum = weights.sum((-2, -1)).unsqueeze(-1)
-    diag = torch.diag_embed(wsum * res.flat_factor.diagonal(dim1=-2, dim2=-1).reciprocal())
     if res.precision:
-        grad = diag - torch.tril((weights * z).mT @ res.r)
+        grad = torch.tril((weights * res.z).mT @ res.r).neg()
     else:
-        grad = torch.tril((weights * alpha).mT @ z) - diag
+        grad = torch.tril((weights * res.alpha).mT @ res.z)
+    diag = weights.sum((-2, -1)).unsqueeze(-1) * res.flat_factor.diagonal(dim1=-2, dim2=-1).reciprocal()
+    grad = grad + torch.diag_embed(diag if res.precision else diag.neg())
     return res.grouping.unflat_matrix(grad)
 
 
@@ -36,42 +45,41 @@ class LogProb(torch.autograd.Function):
     @staticmethod
     def forward(value, loc, factor, precision):
         res = Residual(value, loc, factor, precision)
-        return res.log_prob, res.z, res.alpha
+        return res.log_prob, res.z
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         value, loc, factor, precision = inputs
-        _, z, alpha = output
+        z = output[1]
         ctx.precision = precision
-        ctx.mark_non_differentiable(z, alpha)
+        ctx.mark_non_differentiable(z)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(value, loc, factor, z, alpha)
-        ctx.save_for_forward(value, loc, factor, z, alpha)
+        ctx.save_for_backward(value, loc, factor, z)
 
     @staticmethod
-    def backward(ctx, grad, _grad_z, _grad_alpha):
+    def backward(ctx, grad, _grad_z):
         if grad is None:
             return None, None, None, None
-        value, loc, factor, z, alpha = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True: use the rebuilt, differentiable intermediates.
-            res = Residual(value, loc, factor, ctx.precision)
-            z, alpha = res.z, res.alpha
-        else:
-            # The saved z and alpha: no second solve.
-            res = Residual(value, loc, factor, ctx.precision, z=z, alpha=alpha)
+        value, loc, factor, z = ctx.saved_tensors
+        # create_graph=True (double backward): rebuild z with differentiable operations; else reuse it.
+        res = _residual(value, loc, factor, ctx.precision, z=None if torch.is_grad_enabled() else z)
         g = res.grouping
         weights = g.group(grad.unsqueeze(-1))
         grad_value = grad_loc = grad_factor = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            weighted = g.ungroup(weights * alpha)
+            weighted = g.ungroup(weights * res.alpha)
             if ctx.needs_input_grad[0]:
                 grad_value = (-weighted).sum_to_size(value.shape)
             if ctx.needs_input_grad[1]:
                 grad_loc = weighted.sum_to_size(loc.shape)
         if ctx.needs_input_grad[2]:
-            grad_factor = _factor_gradient(res, weights, alpha, z)
+            grad_factor = _factor_gradient(res, weights)
         return grad_value, grad_loc, grad_factor, None
+
+
+# Function.apply binds its arguments with inspect.signature(forward) on every call; a precomputed signature
+# spares that lookup (tens of microseconds, which count when log_prob scores one point).
+LogProb.forward.__signature__ = inspect.signature(LogProb.forward)
 
 
 class LogProbWithJvp(LogProb):
@@ -81,25 +89,28 @@ class LogProbWithJvp(LogProb):
     """
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        LogProb.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:3], output[1])
+
+    @staticmethod
     def jvp(ctx, t_value, t_loc, t_factor, _):
-        value, loc, factor, z, alpha = ctx.saved_tensors
-        shape = torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1])
-        g = Grouping(shape, factor.shape[:-2])
+        value, loc, factor, z = ctx.saved_tensors
+        res = _residual(value, loc, factor, ctx.precision, z=z)
+        g = res.grouping
         out = torch.zeros(g.b, g.c, dtype=z.dtype, device=z.device)
         if t_value is not None:
-            out = out - (alpha * g.group(t_value)).sum(-1)
+            out = out - (res.alpha * g.group(t_value)).sum(-1)
         if t_loc is not None:
-            out = out + (alpha * g.group(t_loc)).sum(-1)
+            out = out + (res.alpha * g.group(t_loc)).sum(-1)
         if t_factor is not None:
-            flat = g.flat_matrix(factor)
             t_flat = torch.tril(g.flat_matrix(t_factor))
-            trace = (t_flat.diagonal(dim1=-2, dim2=-1) / flat.diagonal(dim1=-2, dim2=-1)).sum(-1)
+            trace = (t_flat.diagonal(dim1=-2, dim2=-1) / res.flat_factor.diagonal(dim1=-2, dim2=-1)).sum(-1)
             if ctx.precision:
-                r = g.group(value - loc)
-                out = out - ((r @ t_flat.mT) * z).sum(-1) + trace.unsqueeze(-1)
+                out = out - ((res.r @ t_flat.mT) * z).sum(-1) + trace.unsqueeze(-1)
             else:
-                out = out + ((z @ t_flat.mT) * alpha).sum(-1) - trace.unsqueeze(-1)
-        return g.ungroup(out.unsqueeze(-1)).squeeze(-1), None, None
+                out = out + ((z @ t_flat.mT) * res.alpha).sum(-1) - trace.unsqueeze(-1)
+        return g.ungroup(out.unsqueeze(-1)).squeeze(-1), None
 
 
 def log_prob(value, loc, factor, precision):
