@@ -565,7 +565,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             return out
         d = self._event_shape[0]
         rows, cols = vech_indices(d, self.loc.device)
-        u, v = self._outer_factors(res, name)
+        u, v = self._full_outer_factors(res, name)
         out = u[..., rows] * v[..., cols]
         if name == "scale_tril":
             correction = self._scale_diag_term()[..., rows] * (rows == cols)
@@ -574,17 +574,20 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         return out.sub_(self._constant_term(name)[..., rows, cols]).mul_(weights)
 
     def _outer_factors(self, res, name):
-        """``(u, v)`` of shape ``S + (d,)`` with the sample-dependent term ``± u v^T`` of the matrix gradient."""
+        """Grouped ``(u, v)``, shape ``(b, c, d)``, with the sample-dependent term ``u v^T`` of the matrix gradient."""
         if name == "covariance_matrix":
-            a = res.full(res.alpha)
-            return a, a
+            return res.alpha, res.alpha
         if name == "precision_matrix":
-            r = res.full(res.r)
-            return r, -r
-        return res.full(res.alpha), res.full(res.z).contiguous()  # z may be column-major (see _linalg.whiten)
+            return res.r, -res.r
+        return res.alpha, res.z
+
+    def _full_outer_factors(self, res, name):
+        """``(u, v)`` of shape ``S + (d,)``, row-major (``z`` may come column-major, see ``_linalg.whiten``)."""
+        u, v = self._outer_factors(res, name)
+        return res.full(u), res.full(v).contiguous()
 
     def _outer_term(self, res, name):
-        u, v = self._outer_factors(res, name)
+        u, v = self._full_outer_factors(res, name)
         return u.unsqueeze(-1) * v.unsqueeze(-2)
 
     def _constant_term(self, name):
@@ -607,8 +610,12 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             batch_shape = self._unbroadcasted_matrix.shape[:-2]
         else:
             batch_shape = self._batch_shape
-        g = Grouping(res.shape, batch_shape)
-        u, v = (g.group(t) for t in self._outer_factors(res, name))
+        u, v = self._outer_factors(res, name)
+        if batch_shape == res.grouping.batch_shape:
+            g = res.grouping
+        else:
+            g = Grouping(res.shape, batch_shape)
+            u, v = g.group(res.full(u)), g.group(res.full(v))
         count = g.c
         out = u.mT @ v
         if name == "scale_tril":
