@@ -21,11 +21,11 @@ import torch
 from ._linalg import Residual, sigma_inverse_from_factor
 
 
-def _residual(value, loc, factor, precision, z=None):
-    r"""The shared intermediates; :math:`\alpha` from a GEMM with :math:`\Sigma^{-1}` when many samples share it."""
-    return Residual(
-        value, loc, factor, precision, z=z, sigma_inverse=lambda: sigma_inverse_from_factor(factor, precision)
-    )
+def _residual(value, loc, factor, precision, inverse_ok, z=None):
+    r"""The shared intermediates; with ``inverse_ok``, :math:`\alpha` may come from a GEMM with :math:`\Sigma^{-1}`
+    (see :attr:`Residual.alpha`)."""
+    sigma_inverse = (lambda: sigma_inverse_from_factor(factor, precision)) if inverse_ok else None
+    return Residual(value, loc, factor, precision, z=z, sigma_inverse=sigma_inverse)
 
 
 def _factor_gradient(res, weights):
@@ -43,15 +43,16 @@ class LogProb(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(value, loc, factor, precision):
+    def forward(value, loc, factor, precision, inverse_ok):
         res = Residual(value, loc, factor, precision)
         return res.log_prob, res.z
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        value, loc, factor, precision = inputs
+        value, loc, factor, precision, inverse_ok = inputs
         z = output[1]
         ctx.precision = precision
+        ctx.inverse_ok = inverse_ok
         ctx.mark_non_differentiable(z)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(value, loc, factor, z)
@@ -59,10 +60,10 @@ class LogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _grad_z):
         if grad is None:
-            return None, None, None, None
+            return None, None, None, None, None
         value, loc, factor, z = ctx.saved_tensors
         # create_graph=True (double backward): rebuild z with differentiable operations; else reuse it.
-        res = _residual(value, loc, factor, ctx.precision, z=None if torch.is_grad_enabled() else z)
+        res = _residual(value, loc, factor, ctx.precision, ctx.inverse_ok, z=None if torch.is_grad_enabled() else z)
         g = res.grouping
         weights = g.group(grad.unsqueeze(-1))
         grad_value = grad_loc = grad_factor = None
@@ -74,7 +75,7 @@ class LogProb(torch.autograd.Function):
                 grad_loc = weighted.sum_to_size(loc.shape)
         if ctx.needs_input_grad[2]:
             grad_factor = _factor_gradient(res, weights)
-        return grad_value, grad_loc, grad_factor, None
+        return grad_value, grad_loc, grad_factor, None, None
 
 
 # Function.apply binds its arguments with inspect.signature(forward) on every call; a precomputed signature
@@ -94,9 +95,9 @@ class LogProbWithJvp(LogProb):
         ctx.save_for_forward(*inputs[:3], output[1])
 
     @staticmethod
-    def jvp(ctx, t_value, t_loc, t_factor, _):
+    def jvp(ctx, t_value, t_loc, t_factor, _precision, _inverse_ok):
         value, loc, factor, z = ctx.saved_tensors
-        res = _residual(value, loc, factor, ctx.precision, z=z)
+        res = _residual(value, loc, factor, ctx.precision, ctx.inverse_ok, z=z)
         g = res.grouping
         out = torch.zeros(g.b, g.c, dtype=z.dtype, device=z.device)
         if t_value is not None:
@@ -113,9 +114,14 @@ class LogProbWithJvp(LogProb):
         return g.ungroup(out.unsqueeze(-1)).squeeze(-1), None
 
 
-def log_prob(value, loc, factor, precision):
-    """``log_prob`` with the closed-form backward when a gradient can be asked for, plain otherwise."""
+def log_prob(value, loc, factor, precision, inverse_ok=False):
+    r"""``log_prob`` with the closed-form backward when a gradient can be asked for, plain otherwise.
+
+    ``inverse_ok``: the factor was itself computed (a Cholesky factor of a covariance), so :math:`\Sigma^{-1}` is as
+    accurate as two triangular solves with it, and the backward may use it. A ``scale_tril`` given exactly is
+    solved with, which is more accurate in float32 (``benchmarks/accuracy.py``).
+    """
     if torch.is_grad_enabled() and (value.requires_grad or loc.requires_grad or factor.requires_grad):
         function = LogProb if torch.compiler.is_compiling() else LogProbWithJvp
-        return function.apply(value, loc, factor, precision)[0]
+        return function.apply(value, loc, factor, precision, inverse_ok)[0]
     return Residual(value, loc, factor, precision).log_prob

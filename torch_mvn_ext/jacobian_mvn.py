@@ -196,7 +196,9 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
 
     def log_prob(self, value):
         value = self._check_value(value)
-        return _autograd.log_prob(value, self.loc, self._factor, self._precision_factored)
+        return _autograd.log_prob(
+            value, self.loc, self._factor, self._precision_factored, self._parametrization == "covariance_matrix"
+        )
 
     def entropy(self):
         H = entropy_from_half_log_det(self._event_shape[0], half_log_det(self._factor, self._precision_factored))
@@ -546,7 +548,10 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             self.loc,
             self._factor,
             self._precision_factored,
-            sigma_inverse=lambda: self._unbroadcasted_sigma_inverse,
+            # Sigma^{-1} for alpha only where the factor was itself computed (see _autograd.log_prob).
+            sigma_inverse=(
+                (lambda: self._unbroadcasted_sigma_inverse) if self._parametrization == "covariance_matrix" else None
+            ),
         )
 
     def _per_sample(self, res, name, layout):
