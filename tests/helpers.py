@@ -50,3 +50,12 @@ def make_pair(parametrization, loc, cov, **kwargs):
         JacobianMVN(loc, **{parametrization: m}, **kwargs),
         MultivariateNormal(loc, **{parametrization: m}, **kwargs),
     )
+
+
+def grid_case(parametrization, shapes, d):
+    """``(loc, cov, x, dist)`` in float64 for one entry of :data:`SHAPE_GRID`."""
+    loc_batch, mat_batch, x_batch = shapes
+    loc = torch.randn(*loc_batch, d, dtype=torch.float64)
+    cov = random_spd(mat_batch, d)
+    x = torch.randn(*x_batch, d, dtype=torch.float64)
+    return loc, cov, x, JacobianMVN(loc, **{parametrization: matrix_for(parametrization, cov)})

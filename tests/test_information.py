@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import MATRICES, PARAMETRIZATIONS, SHAPE_GRID, SHAPE_IDS, matrix_for, random_spd
+from helpers import MATRICES, PARAMETRIZATIONS, SHAPE_GRID, SHAPE_IDS, grid_case, matrix_for, random_spd
 from torch.distributions import MultivariateNormal
 from torch.func import hessian, vmap
 
@@ -67,11 +67,7 @@ def expected_hessian(loc, cov, name):
 @pytest.mark.parametrize("wrt", ("value", "loc"))
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_hessian_matches_torch_func(parametrization, wrt, shapes, assert_close):
-    loc_batch, mat_batch, x_batch = shapes
-    loc = torch.randn(*loc_batch, D, dtype=torch.float64)
-    cov = random_spd(mat_batch, D)
-    x = torch.randn(*x_batch, D, dtype=torch.float64)
-    d = JacobianMVN(loc, **{parametrization: matrix_for(parametrization, cov)})
+    loc, cov, x, d = grid_case(parametrization, shapes, D)
     S = torch.broadcast_shapes(x.shape[:-1], d.batch_shape)
     xs, locs = x.expand(S + (D,)).reshape(-1, D), loc.expand(S + (D,)).reshape(-1, D)
     mats = matrix_for(parametrization, cov).expand(S + (D, D)).reshape(-1, D, D)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import MATRICES, PARAMETRIZATIONS, SHAPE_GRID, SHAPE_IDS, WRT, matrix_for, random_spd
+from helpers import MATRICES, PARAMETRIZATIONS, SHAPE_GRID, SHAPE_IDS, WRT, grid_case, matrix_for, random_spd
 from torch.distributions import MultivariateNormal
 from torch.func import grad, vmap
 
@@ -47,11 +47,7 @@ def vech_by_finite_differences(loc, cov, x, wrt, h=1e-6):
 @pytest.mark.parametrize("wrt", WRT)
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_full_layout_matches_per_sample_autograd(parametrization, wrt, shapes, assert_close):
-    loc_batch, mat_batch, x_batch = shapes
-    loc = torch.randn(*loc_batch, D, dtype=torch.float64)
-    cov = random_spd(mat_batch, D)
-    x = torch.randn(*x_batch, D, dtype=torch.float64)
-    d = JacobianMVN(loc, **{parametrization: matrix_for(parametrization, cov)})
+    loc, cov, x, d = grid_case(parametrization, shapes, D)
     jac = d.jacobian(x, wrt)
     expected = reference_jacobian(loc, cov, x, wrt)
     S = torch.broadcast_shapes(x.shape[:-1], d.batch_shape)
@@ -63,11 +59,7 @@ def test_full_layout_matches_per_sample_autograd(parametrization, wrt, shapes, a
 @pytest.mark.parametrize("wrt", MATRICES)
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_vech_layout_matches_finite_differences(parametrization, wrt, shapes):
-    loc_batch, mat_batch, x_batch = shapes
-    loc = torch.randn(*loc_batch, D, dtype=torch.float64)
-    cov = random_spd(mat_batch, D)
-    x = torch.randn(*x_batch, D, dtype=torch.float64)
-    d = JacobianMVN(loc, **{parametrization: matrix_for(parametrization, cov)})
+    loc, cov, x, d = grid_case(parametrization, shapes, D)
     jac = d.jacobian(x, wrt, layout="vech")
     assert jac.shape == d.log_prob(x).shape + (D * (D + 1) // 2,)
     torch.testing.assert_close(jac, vech_by_finite_differences(loc, cov, x, wrt), rtol=1e-6, atol=1e-7)
