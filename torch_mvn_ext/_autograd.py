@@ -14,18 +14,16 @@ The backward is written with differentiable operations, so double backward works
 vmap rule make ``torch.func`` transforms work.
 """
 
-import inspect
-
 import torch
 
 from ._linalg import Residual, sigma_inverse_from_factor
 
 
-def _residual(value, loc, factor, precision, inverse_ok, z=None):
+def _residual(value, loc, factor, precision, inverse_ok, r=None, z=None):
     r"""The shared intermediates; with ``inverse_ok``, :math:`\alpha` may come from a GEMM with :math:`\Sigma^{-1}`
     (see :attr:`Residual.alpha`)."""
     sigma_inverse = (lambda: sigma_inverse_from_factor(factor, precision)) if inverse_ok else None
-    return Residual(value, loc, factor, precision, z=z, sigma_inverse=sigma_inverse)
+    return Residual(value, loc, factor, precision, r=r, z=z, sigma_inverse=sigma_inverse)
 
 
 def _factor_gradient(res, weights):
@@ -45,25 +43,27 @@ class LogProb(torch.autograd.Function):
     @staticmethod
     def forward(value, loc, factor, precision, inverse_ok):
         res = Residual(value, loc, factor, precision)
-        return res.log_prob, res.z
+        return res.log_prob, res.r, res.z
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         value, loc, factor, precision, inverse_ok = inputs
-        z = output[1]
+        _, r, z = output
         ctx.precision = precision
         ctx.inverse_ok = inverse_ok
-        ctx.mark_non_differentiable(z)
+        ctx.mark_non_differentiable(r, z)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(value, loc, factor, z)
+        ctx.save_for_backward(value, loc, factor, r, z)
 
     @staticmethod
-    def backward(ctx, grad, _grad_z):
+    def backward(ctx, grad, _grad_r, _grad_z):
         if grad is None:
             return None, None, None, None, None
-        value, loc, factor, z = ctx.saved_tensors
-        # create_graph=True (double backward): rebuild z with differentiable operations; else reuse it.
-        res = _residual(value, loc, factor, ctx.precision, ctx.inverse_ok, z=None if torch.is_grad_enabled() else z)
+        value, loc, factor, r, z = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (double backward): rebuild r and z differentiably
+            res = _residual(value, loc, factor, ctx.precision, ctx.inverse_ok)
+        else:
+            res = _residual(value, loc, factor, ctx.precision, ctx.inverse_ok, r=r, z=z)
         g = res.grouping
         weights = g.group(grad.unsqueeze(-1))
         grad_value = grad_loc = grad_factor = None
@@ -78,9 +78,21 @@ class LogProb(torch.autograd.Function):
         return grad_value, grad_loc, grad_factor, None, None
 
 
-# Function.apply binds its arguments with inspect.signature(forward) on every call; a precomputed signature
-# spares that lookup (tens of microseconds, which count when log_prob scores one point).
-LogProb.forward.__signature__ = inspect.signature(LogProb.forward)
+    @classmethod
+    def apply(cls, *args):
+        # Function.apply first binds the arguments to forward's signature with inspect (tens of microseconds a
+        # call, which count when log_prob scores a few points in every HMC step); forward's arguments are all
+        # positional without defaults, so that binding is the identity, and the eager path goes straight to the
+        # C++ apply, as Function.apply itself does after binding. Traced and transformed calls keep Function.apply.
+        if _unwrap_dead_wrappers is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))
+
+
+try:
+    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
+except ImportError:  # another torch layout: keep Function.apply
+    _unwrap_dead_wrappers = None
 
 
 class LogProbWithJvp(LogProb):
@@ -92,12 +104,12 @@ class LogProbWithJvp(LogProb):
     @staticmethod
     def setup_context(ctx, inputs, output):
         LogProb.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:3], output[1])
+        ctx.save_for_forward(*inputs[:3], *output[1:])
 
     @staticmethod
     def jvp(ctx, t_value, t_loc, t_factor, _precision, _inverse_ok):
-        value, loc, factor, z = ctx.saved_tensors
-        res = _residual(value, loc, factor, ctx.precision, ctx.inverse_ok, z=z)
+        value, loc, factor, r, z = ctx.saved_tensors
+        res = _residual(value, loc, factor, ctx.precision, ctx.inverse_ok, r=r, z=z)
         g = res.grouping
         out = torch.zeros(g.b, g.c, dtype=z.dtype, device=z.device)
         if t_value is not None:
@@ -111,7 +123,7 @@ class LogProbWithJvp(LogProb):
                 out = out - ((res.r @ t_flat.mT) * z).sum(-1) + trace.unsqueeze(-1)
             else:
                 out = out + ((z @ t_flat.mT) * res.alpha).sum(-1) - trace.unsqueeze(-1)
-        return g.ungroup(out.unsqueeze(-1)).squeeze(-1), None
+        return g.ungroup(out.unsqueeze(-1)).squeeze(-1), None, None
 
 
 def log_prob(value, loc, factor, precision, inverse_ok=False):

@@ -226,13 +226,13 @@ class Residual:
     Built from differentiable operations only, so it also serves double backward.
     """
 
-    def __init__(self, value, loc, factor, precision, z=None, alpha=None, sigma_inverse=None):
+    def __init__(self, value, loc, factor, precision, r=None, z=None, alpha=None, sigma_inverse=None):
         self.precision = precision
         self.factor = factor
         self.shape = broadcast_shapes(value.shape[:-1], loc.shape[:-1])
         self.grouping = Grouping(self.shape, factor.shape[:-2])
         self.flat_factor = self.grouping.flat_matrix(factor)
-        self.r = self.grouping.group(value - loc)
+        self.r = self.grouping.group(value - loc) if r is None else r
         self._z = z
         self._alpha = alpha
         self._sigma_inverse = sigma_inverse
