@@ -123,7 +123,7 @@ class LogProbWithJvp(LogProb):
                 out = out - ((res.r @ t_flat.mT) * z).sum(-1) + trace.unsqueeze(-1)
             else:
                 out = out + ((z @ t_flat.mT) * res.alpha).sum(-1) - trace.unsqueeze(-1)
-        return g.ungroup(out.unsqueeze(-1)).squeeze(-1), None, None
+        return g.ungroup_scalar(out), None, None
 
 
 def log_prob(value, loc, factor, precision, inverse_ok=False):

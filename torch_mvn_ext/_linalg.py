@@ -170,6 +170,12 @@ class Grouping:
             return x.reshape(self.shape + (k,))
         return x.reshape(self.permuted_shape + [k]).permute(self.inv_perm + [len(self.shape)])
 
+    def ungroup_scalar(self, x):
+        """A grouped ``(b, c)`` tensor (one number per element) back in ``S``."""
+        if self.identity:
+            return x.reshape(self.shape)
+        return x.reshape(self.permuted_shape).permute(self.inv_perm)
+
     def flat_matrix(self, m):
         """A ``B + (d, d)`` (or broadcastable) matrix as ``(b, d, d)``; an unbatched one stays ``(d, d)``, which
         every batched operation here broadcasts."""
@@ -267,7 +273,7 @@ class Residual:
         d = self.factor.shape[-1]
         log_norm = gaussian_log_norm(d, half_log_det(self.flat_factor, self.precision))
         lp = torch.add(log_norm.unsqueeze(-1), torch.linalg.vecdot(self.z, self.z), alpha=-0.5)
-        return self.grouping.ungroup(lp.unsqueeze(-1)).squeeze(-1)
+        return self.grouping.ungroup_scalar(lp)
 
 
 # --------------------------------------------------------------------------------------------------
