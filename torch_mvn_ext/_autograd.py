@@ -77,14 +77,14 @@ class LogProb(torch.autograd.Function):
             grad_factor = _factor_gradient(res, weights)
         return grad_value, grad_loc, grad_factor, None, None
 
-
     @classmethod
     def apply(cls, *args):
         # Function.apply first binds the arguments to forward's signature with inspect (tens of microseconds a
         # call, which count when log_prob scores a few points in every HMC step); forward's arguments are all
         # positional without defaults, so that binding is the identity, and the eager path goes straight to the
         # C++ apply, as Function.apply itself does after binding. Traced and transformed calls keep Function.apply.
-        if _unwrap_dead_wrappers is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        traced = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+        if traced or _unwrap_dead_wrappers is None:
             return super().apply(*args)
         return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))
 
