@@ -95,6 +95,9 @@ def main(args):
             state = {k: v.detach().clone() for k, v in guide.named_parameters()}
             torch.save({"world_size": world_size, "params": state}, args.output)
     if distributed:
+        # Every rank waits for rank 0's report before the group goes: a rank that tears gloo down while its peer
+        # still holds the connection can abort at exit ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
