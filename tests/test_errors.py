@@ -211,3 +211,41 @@ def test_unvalidated_scale_tril_with_negative_diagonal_is_the_distribution_it_sa
         lambda m: MultivariateNormal(loc(), covariance_matrix=m @ m.mT).log_prob(value), scale_tril
     ).tril()
     torch.testing.assert_close(d.jacobian(value, "scale_tril"), expected)
+
+
+def _with(matrix, index, value):
+    out = matrix.clone()
+    out[index] = value
+    return out
+
+
+_TRIL = torch.linalg.cholesky(random_spd((), D))
+_INF, _NAN = float("inf"), float("nan")
+PARAMETER_CASES = [
+    ("tril-valid", "scale_tril", _TRIL),
+    ("tril-upper-entry", "scale_tril", _with(_TRIL, (0, 2), 1e-300)),
+    ("tril-zero-diagonal", "scale_tril", _with(_TRIL, (1, 1), 0.0)),
+    ("tril-negative-diagonal", "scale_tril", _with(_TRIL, (2, 2), -1.0)),
+    ("tril-nan-lower", "scale_tril", _with(_TRIL, (2, 0), _NAN)),
+    ("tril-nan-upper", "scale_tril", _with(_TRIL, (0, 1), _NAN)),
+    ("tril-nan-diagonal", "scale_tril", _with(_TRIL, (0, 0), _NAN)),
+    ("tril-inf-lower", "scale_tril", _with(_TRIL, (1, 0), _INF)),
+    ("tril-inf-diagonal", "scale_tril", _with(_TRIL, (1, 1), _INF)),
+    ("tril-batch-one-bad", "scale_tril", torch.stack([_TRIL, _with(_TRIL, (1, 2), 1.0)])),
+    ("loc-valid", "loc", torch.randn(2, D, dtype=torch.float64)),
+    ("loc-nan", "loc", _with(torch.randn(2, D, dtype=torch.float64), (1, 2), _NAN)),
+    ("loc-inf", "loc", _with(torch.randn(2, D, dtype=torch.float64), (0, 0), -_INF)),
+]
+
+
+@pytest.mark.parametrize("name, value", [c[1:] for c in PARAMETER_CASES], ids=[c[0] for c in PARAMETER_CASES])
+def test_parameter_validation_agrees_with_torch(name, value):
+    """The constructor's checks of loc and scale_tril accept exactly what torch's constraints accept."""
+    constraint = MultivariateNormal.arg_constraints[name]
+    accepted = bool(constraint.check(value).all())
+    kwargs = {"loc": value, "scale_tril": _TRIL} if name == "loc" else {"loc": loc(), "scale_tril": value}
+    if accepted:
+        JacobianMVN(**kwargs, validate_args=True)
+    else:
+        with pytest.raises(ValueError, match=f"Expected parameter {name} .* to satisfy the constraint"):
+            JacobianMVN(**kwargs, validate_args=True)

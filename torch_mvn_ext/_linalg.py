@@ -83,37 +83,32 @@ def whiten(factor, precision, x):
     r""":math:`z = L^{-1} x` for grouped ``x`` of shape ``(b, c, d)`` and ``factor`` of shape ``(b, d, d)``."""
     if precision:
         return x @ factor.mT
-    if _right_solve(x):
-        return torch.linalg.solve_triangular(factor.mT, x, upper=True, left=False)  # column-major result
-    # solve_triangular(L, X^T) on row-major X hands LAPACK a column-major right-hand side: no copy.
-    return torch.linalg.solve_triangular(factor, x.mT, upper=False).mT
+    return _left_solve(factor, x, upper=False)
 
 
 def unwhiten_t(factor, precision, z):
     r""":math:`L^{-\top} z` (so :math:`\alpha = \Sigma^{-1} r` from :math:`z = L^{-1} r`), grouped."""
     if precision:
         return z @ factor
-    if _right_solve(z):
-        return torch.linalg.solve_triangular(factor, z, upper=False, left=False).contiguous()
-    return torch.linalg.solve_triangular(factor.mT, z.mT, upper=True).mT
+    return _left_solve(factor.mT, z, upper=True)
 
 
-def _right_solve(x):
-    """Whether to solve from the right (``X A = B``) on row-major ``x``: the same TRSM, another memory layout.
+def _left_solve(a, x, upper):
+    r""":math:`(A^{-1} x^\top)^\top` for row-major ``x`` of shape ``(..., c, d)``, row-major again.
 
-    Measured with torch 2.13's CPU build (MKL), d = 16..256: in float32 the right solve runs 1.5-3x faster than
-    the left solve on ``x^T``; in float64 the left solve is as fast or faster. The right solve returns a
-    column-major result: :func:`whiten` leaves ``z`` so (it feeds solves, GEMMs and reductions), :func:`unwhiten_t`
-    copies ``alpha`` to row-major, as users receive it and as the ``N x d x d`` outer products need it (elementwise
-    work on the transposed layout is several times slower).
+    ``solve_triangular(A, x^T)`` hands LAPACK ``x^T``, which is column-major when ``x`` is row-major: its one
+    copy into the output is a plain memory copy, and the result's transpose is row-major. Measured with torch
+    2.13's CPU build (MKL, 1 thread): the right solve ``X A^T = x`` on row-major ``x`` costs a transposing copy in
+    and (to return row-major) another out, which made two solves 1.3x (d = 64, c = 1024) to 2.7x (d = 64,
+    c = 16384) slower than this in float32 and float64 alike.
     """
-    return x.dtype == torch.float32 and x.device.type == "cpu"
+    return torch.linalg.solve_triangular(a, x.mT, upper=upper).mT
 
 
 def color(factor, precision, eps):
     r""":math:`L \epsilon` for grouped ``eps`` (turns white noise into a sample offset)."""
     if precision:
-        return torch.linalg.solve_triangular(factor, eps.mT, upper=False).mT
+        return _left_solve(factor, eps, upper=False)
     return eps @ factor.mT
 
 
@@ -252,13 +247,16 @@ class Residual:
 
     @property
     def alpha(self):
-        r""":math:`\alpha = \Sigma^{-1} r`. When ``d >= 32`` and at least ``d`` samples share each factor member,
-        one GEMM with :math:`\Sigma^{-1}` (``sigma_inverse()``, e.g. a cached ``cholesky_inverse``) replaces the
-        second triangular solve: the same flops at GEMM speed (2-3x faster at d = 64 on a CPU), and as accurate
-        (``benchmarks/accuracy.py``). Below that, one solve costs less than the inverse."""
+        r""":math:`\alpha = \Sigma^{-1} r`. When ``32 <= d < 128`` and at least ``d`` samples share each factor
+        member, one GEMM with :math:`\Sigma^{-1}` (``sigma_inverse()``, a cached ``cholesky_inverse`` that the
+        covariance gradient needs anyway) replaces the second triangular solve, as accurately
+        (``benchmarks/accuracy.py``). Measured with torch 2.13's CPU build (MKL, 1 thread), GEMM against the
+        solve: 2x faster at d = 32, 1.0-1.5x at d = 64, even at d = 128, and 1.1x (float32) to 1.5x (float64)
+        slower at d = 256, where the solve's half of the GEMM's flops tells. Below d = 32 one solve costs less
+        than the inverse."""
         if self._alpha is None:
             d = self.factor.shape[-1]
-            if self._sigma_inverse is not None and not self.precision and d >= 32 and self.grouping.c >= d:
+            if self._sigma_inverse is not None and not self.precision and 32 <= d < 128 and self.grouping.c >= d:
                 self._alpha = self.r @ self.grouping.flat_matrix(self._sigma_inverse())
             else:
                 self._alpha = unwhiten_t(self.flat_factor, self.precision, self.z)

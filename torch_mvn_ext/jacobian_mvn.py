@@ -587,7 +587,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         return res.alpha, res.z
 
     def _full_outer_factors(self, res, name):
-        """``(u, v)`` of shape ``S + (d,)``, row-major (``z`` may come column-major, see ``_linalg.whiten``)."""
+        """``(u, v)`` of shape ``S + (d,)``, row-major."""
         u, v = self._outer_factors(res, name)
         return res.full(u), res.full(v).contiguous()
 
@@ -634,7 +634,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         return out
 
     def _validate_parameter(self, name, value, constraint):
-        if not bool(constraint.check(value).all()):
+        if not _satisfies(constraint, value):
             raise ValueError(
                 f"Expected parameter {name} (Tensor of shape {format_shape(value.shape)}) of distribution "
                 f"{type(self).__name__} to satisfy the constraint {constraint!r}, but found invalid values:\n{value}"
@@ -692,6 +692,16 @@ def _check_parameters(loc, covariance_matrix, precision_matrix, scale_tril):
     if loc.device != matrix.device:
         raise ValueError(f"loc is on device {loc.device} but {name} is on device {matrix.device}")
     return name, matrix
+
+
+def _satisfies(constraint, value):
+    """``constraint.check(value).all()``, with the same verdict (NaN fails) in 2-3x fewer operations for the
+    constraints checked at every construction."""
+    if constraint is constraints.lower_cholesky:
+        return bool(value.diagonal(dim1=-2, dim2=-1).gt(0).all()) and torch.equal(value.tril(), value)
+    if constraint is constraints.real_vector:
+        return not bool(value.isnan().any())
+    return bool(constraint.check(value).all())
 
 
 def _check_choice(arg, value, allowed):
