@@ -131,3 +131,24 @@ def test_torch_compile_fullgraph(parametrization, assert_close):
 def test_no_gradient_needed_builds_no_graph():
     d = JacobianMVN(torch.zeros(D), covariance_matrix=torch.eye(D))
     assert d.log_prob(torch.randn(4, D)).grad_fn is None
+
+
+@pytest.mark.parametrize("mat_batch, loc_shape", [((3,), (2, 1, D)), ((), (4, D)), ((2, 3), (D,))])
+def test_covariance_gradient_skips_the_cholesky_backward(mat_batch, loc_shape, assert_close):
+    """A first-order backward gives the covariance its closed-form gradient directly: torch's Cholesky backward gets
+    no gradient (so computes nothing), and the gradient (with the covariance's own shape) equals torch's."""
+    x_shape = (5,) + torch.broadcast_shapes(loc_shape, mat_batch + (D,))
+    x, loc, m = inputs("covariance_matrix", loc_shape, mat_batch, x_shape)
+    d = JacobianMVN(loc, covariance_matrix=m)
+    calls = []
+    d._factor.grad_fn.register_prehook(lambda grad_outputs: calls.extend(g for g in grad_outputs if g is not None))
+    lp = d.log_prob(x)
+    w = torch.randn(lp.shape, dtype=torch.float64)
+    ours = torch.autograd.grad((lp * w).sum(), (x, loc, m))
+    assert not calls
+    ref = MultivariateNormal(loc, covariance_matrix=m).log_prob(x)
+    expected = torch.autograd.grad((ref * w).sum(), (x, loc, m))
+    for a, b in zip(ours, expected):
+        assert a.shape == b.shape
+        assert_close(a, b)
+    assert_close(ours[2], ours[2].mT, rtol=0, atol=0)

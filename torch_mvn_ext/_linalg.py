@@ -236,7 +236,8 @@ class Residual:
         self.r = self.grouping.group(value - loc) if r is None else r
         self._z = z
         self._alpha = alpha
-        self._sigma_inverse = sigma_inverse
+        self._sigma_inverse_fn = sigma_inverse
+        self._sigma_inverse = None
 
     @property
     def z(self):
@@ -256,11 +257,18 @@ class Residual:
         than the inverse."""
         if self._alpha is None:
             d = self.factor.shape[-1]
-            if self._sigma_inverse is not None and not self.precision and 32 <= d < 128 and self.grouping.c >= d:
-                self._alpha = self.r @ self.grouping.flat_matrix(self._sigma_inverse())
+            if self._sigma_inverse_fn is not None and not self.precision and 32 <= d < 128 and self.grouping.c >= d:
+                self._alpha = self.r @ self.grouping.flat_matrix(self.sigma_inverse)
             else:
                 self._alpha = unwhiten_t(self.flat_factor, self.precision, self.z)
         return self._alpha
+
+    @property
+    def sigma_inverse(self):
+        r""":math:`\Sigma^{-1}` of shape ``factor_batch + (d, d)``, from ``sigma_inverse()``, computed once."""
+        if self._sigma_inverse is None:
+            self._sigma_inverse = self._sigma_inverse_fn()
+        return self._sigma_inverse
 
     def full(self, x):
         """A grouped ``(b, c, k)`` tensor back in ``S + (k,)``."""

@@ -196,9 +196,8 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
 
     def log_prob(self, value):
         value = self._check_value(value)
-        return _autograd.log_prob(
-            value, self.loc, self._factor, self._precision_factored, self._parametrization == "covariance_matrix"
-        )
+        covariance = self._unbroadcasted_matrix if self._parametrization == "covariance_matrix" else None
+        return _autograd.log_prob(value, self.loc, self._factor, self._precision_factored, covariance)
 
     def entropy(self):
         H = entropy_from_half_log_det(self._event_shape[0], half_log_det(self._factor, self._precision_factored))
