@@ -29,22 +29,22 @@ def _residual(value, loc, factor, precision, covariance, r=None, z=None):
     return Residual(value, loc, factor, precision, r=r, z=z, sigma_inverse=sigma_inverse)
 
 
-def _factor_gradient(res, weights):
-    """The closed-form gradient w.r.t. the factor, summed over the samples of each factor member."""
+def _factor_gradient(res, weights, weighted_alpha):
+    """The closed-form gradient w.r.t. the factor, summed over the samples of each factor member
+    (``weighted_alpha``: ``weights * res.alpha``, used unless the factor is a precision factor)."""
     if res.precision:
         grad = torch.tril((weights * res.z).mT @ res.r).neg()
     else:
-        grad = torch.tril((weights * res.alpha).mT @ res.z)
+        grad = torch.tril(weighted_alpha.mT @ res.z)
     diag = weights.sum((-2, -1)).unsqueeze(-1) * res.flat_factor.diagonal(dim1=-2, dim2=-1).reciprocal()
     grad = grad + torch.diag_embed(diag if res.precision else diag.neg())
     return res.grouping.unflat_matrix(grad)
 
 
-def _covariance_gradient(res, weights):
+def _covariance_gradient(res, weights, weighted_alpha):
     r""":math:`\frac12\big(\sum_s g_s \alpha_s \alpha_s^\top - (\sum_s g_s)\Sigma^{-1}\big)` for each factor member,
     symmetrized (the GEMM's two triangles round differently)."""
-    alpha = res.alpha
-    outer = (weights * alpha).mT @ alpha
+    outer = weighted_alpha.mT @ res.alpha
     total = weights.sum((-2, -1)).unsqueeze(-1).unsqueeze(-1)
     grad = 0.25 * (outer + outer.mT) - 0.5 * total * res.grouping.flat_matrix(res.sigma_inverse)
     return res.grouping.unflat_matrix(grad)
@@ -91,19 +91,23 @@ class LogProb(torch.autograd.Function):
         g = res.grouping
         weights = g.group(grad.unsqueeze(-1))
         grad_value = grad_loc = grad_factor = grad_covariance = None
+        needs_matrix = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        weighted_alpha = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or (needs_matrix and not res.precision):
+            weighted_alpha = weights * res.alpha
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            weighted = g.ungroup(weights * res.alpha)
+            weighted = g.ungroup(weighted_alpha)
             if ctx.needs_input_grad[0]:
                 grad_value = (-weighted).sum_to_size(value.shape)
             if ctx.needs_input_grad[1]:
                 grad_loc = weighted.sum_to_size(loc.shape)
         if covariance is not None and not (differentiable or torch._C._are_functorch_transforms_active()):
             if ctx.needs_input_grad[3]:
-                grad_covariance = _covariance_gradient(res, weights)
+                grad_covariance = _covariance_gradient(res, weights, weighted_alpha)
         elif ctx.needs_input_grad[2]:
             # Through the factor and torch's Cholesky backward: a first-order gradient that torch.func and double
             # backward differentiate again exactly as they differentiate torch's MultivariateNormal.
-            grad_factor = _factor_gradient(res, weights)
+            grad_factor = _factor_gradient(res, weights, weighted_alpha)
         return grad_value, grad_loc, grad_factor, grad_covariance, None
 
     @classmethod
