@@ -38,3 +38,14 @@ def test_benchmark_script_runs_at_tiny_sizes(tmp_path):
 
     assert "| lpg | torch | 3 |" in (tmp_path / "results.md").read_text()
     assert {t["target"] for t in report["targets"]} >= {"lpg vs torch, d=8, N=1"}
+
+
+def test_solve_benchmark_runs_and_checks_its_routes():
+    """``benchmarks/solves.py`` checks each way of forming alpha against a float64 solve before timing it."""
+    script = SCRIPT.parent / "solves.py"
+    args = ["--d", "3", "--n", "5", "--rounds", "1", "--min-time", "0"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("float")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("float32", "3", "5"), ("float64", "3", "5")]
+    assert all(float(x) > 0 for r in rows for x in r[3:6] + r[8:])  # times and ratios (GF/s rounds to 0 here)

@@ -11,6 +11,7 @@ In both cases :math:`z = L^{-1} r` is the same whitened residual, so every formu
 terms of ``z`` and :math:`\alpha = \Sigma^{-1} r = L^{-\top} z`.
 """
 
+import functools
 import math
 import operator
 
@@ -98,11 +99,33 @@ def _left_solve(a, x, upper):
 
     ``solve_triangular(A, x^T)`` hands LAPACK ``x^T``, which is column-major when ``x`` is row-major: its one
     copy into the output is a plain memory copy, and the result's transpose is row-major. Measured with torch
-    2.13's CPU build (MKL, 1 thread): the right solve ``X A^T = x`` on row-major ``x`` costs a transposing copy in
-    and (to return row-major) another out, which made two solves 1.3x (d = 64, c = 1024) to 2.7x (d = 64,
-    c = 16384) slower than this in float32 and float64 alike.
+    2.13's CPU build (MKL, 1 thread) on an Intel CPU: the right solve ``X A^T = x`` on row-major ``x`` costs a
+    transposing copy in and (to return row-major) another out, which made two solves 1.3x (d = 64, c = 1024) to
+    2.7x (d = 64, c = 16384) slower than this in float32 and float64 alike. On an AMD EPYC CPU, where MKL takes
+    other kernels, the same right solve is instead 1.7-2.3x faster than this in float32 (about even in float64),
+    so float32 on such CPUs takes it (``benchmarks/solves.py`` measures both on the machine at hand).
     """
+    if x.dtype == torch.float32 and x.device.type == "cpu" and _right_solve_is_faster():
+        return torch.linalg.solve_triangular(a.mT, x, upper=not upper, left=False)
     return torch.linalg.solve_triangular(a, x.mT, upper=upper).mT
+
+
+@functools.cache
+def _right_solve_is_faster():
+    """Whether the CPU's BLAS runs row-major float32 triangular solves faster from the right: MKL on AMD CPUs."""
+    return torch.backends.mkl.is_available() and _cpu_vendor() == "AuthenticAMD"
+
+
+def _cpu_vendor():
+    """``vendor_id`` from ``/proc/cpuinfo`` (``GenuineIntel``, ``AuthenticAMD``, ...), or ``""`` where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def color(factor, precision, eps):

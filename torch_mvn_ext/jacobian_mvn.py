@@ -586,9 +586,10 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         return res.alpha, res.z
 
     def _full_outer_factors(self, res, name):
-        """``(u, v)`` of shape ``S + (d,)``, row-major."""
+        """``(u, v)`` of shape ``S + (d,)``, row-major (a column-major ``u`` from a right triangular solve would
+        make the ``S + (d, d)`` outer product read it with a stride of ``S``)."""
         u, v = self._outer_factors(res, name)
-        return res.full(u), res.full(v).contiguous()
+        return res.full(u).contiguous(), res.full(v).contiguous()
 
     def _outer_term(self, res, name):
         u, v = self._full_outer_factors(res, name)
