@@ -103,11 +103,21 @@ def _left_solve(a, x, upper):
     transposing copy in and (to return row-major) another out, which made two solves 1.3x (d = 64, c = 1024) to
     2.7x (d = 64, c = 16384) slower than this in float32 and float64 alike. On an AMD EPYC CPU, where MKL takes
     other kernels, the same right solve is instead 1.7-2.3x faster than this in float32 (about even in float64),
-    so float32 on such CPUs takes it (``benchmarks/solves.py`` measures both on the machine at hand).
+    so float32 on such CPUs takes it (``benchmarks/solves.py`` measures both on the machine at hand) up to
+    ``d = 128``, where its errors stay within 0.8-1.5x of the left solve's; beyond, they grow with ``d`` (1.5x at
+    256, 2.2x at 512, 2.8x at 1024, ``benchmarks/accuracy.py``), so larger factors keep the left solve.
     """
-    if x.dtype == torch.float32 and x.device.type == "cpu" and _right_solve_is_faster():
+    if (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.shape[-1] <= _RIGHT_SOLVE_MAX_D
+        and _right_solve_is_faster()
+    ):
         return torch.linalg.solve_triangular(a.mT, x, upper=not upper, left=False)
     return torch.linalg.solve_triangular(a, x.mT, upper=upper).mT
+
+
+_RIGHT_SOLVE_MAX_D = 128
 
 
 @functools.cache
