@@ -7,7 +7,7 @@ from helpers import PARAMETRIZATIONS, matrix_for, random_spd
 from torch.distributions import MultivariateNormal
 from torch.func import grad, hessian, jacfwd, jacrev, vmap
 
-from torch_mvn_ext import JacobianMVN
+from torch_mvn_ext import JacobianMVN, _linalg
 
 D = 3
 PROJECT = {
@@ -126,6 +126,34 @@ def test_torch_compile_fullgraph(parametrization, assert_close):
     assert_close(value, ref)
     for a, b in zip(ours, expected):
         assert_close(a, b)
+
+
+@pytest.mark.filterwarnings(TORCH_COMPILE_FUNCTION_WARNING)
+@pytest.mark.parametrize("right_solve", [False, True], ids=["left-solve", "right-solve"])
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_float32_solve_routes_under_transforms(monkeypatch, parametrization, right_solve, assert_close):
+    """float32 solves run from the right on some CPUs (``_linalg._left_solve``); both routes compile with
+    ``fullgraph=True`` and work under ``vmap(grad)`` and ``hessian``, whichever CPU runs the tests."""
+    monkeypatch.setattr(_linalg, "_RIGHT_SOLVE_IS_FASTER", right_solve)
+    torch._dynamo.reset()  # the route is a global that compiled code guards on; start from a cold cache
+    x, loc, m = (t.detach().float() for t in inputs(parametrization))
+
+    def ours(x, loc, m):
+        return JacobianMVN(loc, **{parametrization: m}, validate_args=False).log_prob(x)
+
+    def torchs(x, loc, m):
+        return MultivariateNormal(loc, **{parametrization: m}).log_prob(x)
+
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x, loc, m), torchs(x, loc, m))
+    point = x[0, 0, 0]
+    per_sample = vmap(grad(lambda xi: ours(xi, loc[0, 0], m[0]).sum()))(x[:, 0, 0])
+    expected = vmap(grad(lambda xi: torchs(xi, loc[0, 0], m[0]).sum()))(x[:, 0, 0])
+    assert_close(per_sample, expected)
+    assert_close(
+        hessian(lambda lc: ours(point, lc, m[0]))(loc[0, 0]),
+        hessian(lambda lc: torchs(point, lc, m[0]))(loc[0, 0]),
+    )
 
 
 def test_no_gradient_needed_builds_no_graph():

@@ -62,7 +62,7 @@ def measured():
             p = accuracy.make_case(d, n, condition, scale, tail, generator=g)
             q = accuracy.make_case(d, 1, condition, scale, tail, generator=g)
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(_linalg, "_right_solve_is_faster", lambda: route == "right solve")
+                mp.setattr(_linalg, "_RIGHT_SOLVE_IS_FASTER", route == "right solve")
                 cache[case_id, route] = {pm: accuracy.measure(dtype, pm, p, q) for pm in accuracy.PARAMETRIZATIONS}
         return cache[case_id, route]
 
@@ -118,7 +118,7 @@ def test_exact_construction():
 def test_large_float32_factors_keep_the_left_solve(monkeypatch, parametrization):
     """On CPUs where float32 solves run from the right (faster, but less accurate as ``d`` grows: 2.2x torch's
     error at d = 512), large factors keep the left solve and torch's accuracy."""
-    monkeypatch.setattr(_linalg, "_right_solve_is_faster", lambda: True)
+    monkeypatch.setattr(_linalg, "_RIGHT_SOLVE_IS_FASTER", True)
     g = torch.Generator().manual_seed(0)
     p = accuracy.make_case(512, 16, 1e2, 1.0, 1.0, generator=g)
     q = accuracy.make_case(512, 1, 1e2, 1.0, 1.0, generator=g)

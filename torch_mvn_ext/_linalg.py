@@ -11,7 +11,6 @@ In both cases :math:`z = L^{-1} r` is the same whitened residual, so every formu
 terms of ``z`` and :math:`\alpha = \Sigma^{-1} r = L^{-\top} z`.
 """
 
-import functools
 import math
 import operator
 
@@ -111,19 +110,10 @@ def _left_solve(a, x, upper):
         x.dtype == torch.float32
         and x.device.type == "cpu"
         and x.shape[-1] <= _RIGHT_SOLVE_MAX_D
-        and _right_solve_is_faster()
+        and _RIGHT_SOLVE_IS_FASTER
     ):
         return torch.linalg.solve_triangular(a.mT, x, upper=not upper, left=False)
     return torch.linalg.solve_triangular(a, x.mT, upper=upper).mT
-
-
-_RIGHT_SOLVE_MAX_D = 128
-
-
-@functools.cache
-def _right_solve_is_faster():
-    """Whether the CPU's BLAS runs row-major float32 triangular solves faster from the right: MKL on AMD CPUs."""
-    return torch.backends.mkl.is_available() and _cpu_vendor() == "AuthenticAMD"
 
 
 def _cpu_vendor():
@@ -136,6 +126,12 @@ def _cpu_vendor():
     except OSError:
         pass
     return ""
+
+
+_RIGHT_SOLVE_MAX_D = 128
+# Whether the CPU's BLAS runs row-major float32 triangular solves faster from the right: MKL on AMD CPUs. Read once
+# at import, a constant to torch.compile.
+_RIGHT_SOLVE_IS_FASTER = torch.backends.mkl.is_available() and _cpu_vendor() == "AuthenticAMD"
 
 
 def color(factor, precision, eps):
