@@ -1,6 +1,6 @@
 """float32 triangular solves run from the left or, on CPUs where MKL does them faster so, from the right
 (``_linalg._left_solve``). Whichever CPU runs the tests, both routes are forced here and every public method must
-give the same numbers (to float32 rounding) and a tensor of the same shape, over the shape grid and all three
+give the same numbers (to float32 rounding) in a tensor of the same shape and strides, over the shape grid and all three
 parametrizations, and agree with the same methods in float64 (samples: with each other only, as float32 and float64
 draw different noise).
 """
@@ -57,6 +57,8 @@ def test_both_routes_agree_with_each_other_and_float64(monkeypatch, parametrizat
                 scale = reference.abs().max().clamp(min=1.0)
                 err = ((got.double() - reference).abs().max() / scale).item()
                 assert err < 1e-5, (key, "right" if right else "left", err)
+        # the same memory layout too: users may .view() what they get back
+        assert results[True][key].stride() == results[False][key].stride(), key
         scale = results[False][key].abs().max().clamp(min=1.0)
         route_gap = (results[True][key] - results[False][key]).abs().max() / scale
         assert route_gap.item() < 1e-5, key

@@ -94,7 +94,8 @@ def unwhiten_t(factor, precision, z):
 
 
 def _left_solve(a, x, upper):
-    r""":math:`(A^{-1} x^\top)^\top` for row-major ``x`` of shape ``(..., c, d)``, row-major again.
+    r""":math:`(A^{-1} x^\top)^\top` for row-major ``x`` of shape ``(..., c, d)``: row-major again, except on the
+    right-solve route below, whose result is column-major (callers that return it to users make it contiguous).
 
     ``solve_triangular(A, x^T)`` hands LAPACK ``x^T``, which is column-major when ``x`` is row-major: its one
     copy into the output is a plain memory copy, and the result's transpose is row-major. Measured with torch

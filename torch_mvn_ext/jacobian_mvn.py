@@ -192,7 +192,8 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
         g = Grouping(shape[:-1], self._factor.shape[:-2])
         offset = g.ungroup(color(g.flat_matrix(self._factor), self._precision_factored, g.group(eps)))
-        return self.loc + offset
+        # contiguous: a float32 triangular solve from the right (_linalg._left_solve) leaves its result column-major
+        return (self.loc + offset).contiguous()
 
     def log_prob(self, value):
         value = self._check_value(value)
@@ -508,7 +509,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
                 w = torch.linalg.solve_triangular(c, sub_block(sigma, b, a), upper=False)
                 name, matrix = "covariance_matrix", symmetrize(sub_block(sigma, a, a) - w.mT @ w)
                 shift = whiten(g.flat_matrix(c), False, r) @ g.flat_matrix(w)
-        mean = loc[..., a] + g.ungroup(shift)
+        mean = (loc[..., a] + g.ungroup(shift)).contiguous()
         return JacobianMVN(mean, **{name: matrix}, validate_args=self._validate_args)
 
     # ----------------------------------------------------------------------------------------------
@@ -555,9 +556,9 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
 
     def _per_sample(self, res, name, layout):
         if name == "value":
-            return -res.full(res.alpha)
+            return -self._full_alpha(res)
         if name == "loc":
-            return res.full(res.alpha)
+            return self._full_alpha(res)
         if layout == "full":
             out = self._outer_term(res, name)
             # Each step below is in place: the S + (d, d) result is the only tensor of that size.
@@ -576,6 +577,12 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             return out.sub_(correction)
         weights = 0.5 * vech_weights(d, out.dtype, out.device)
         return out.sub_(self._constant_term(name)[..., rows, cols]).mul_(weights)
+
+    @staticmethod
+    def _full_alpha(res):
+        """:math:`\alpha` of shape ``S + (d,)``, row-major as returned to users (a float32 triangular solve from the
+        right, see ``_linalg._left_solve``, leaves it column-major)."""
+        return res.full(res.alpha).contiguous()
 
     def _outer_factors(self, res, name):
         """Grouped ``(u, v)``, shape ``(b, c, d)``, with the sample-dependent term ``u v^T`` of the matrix gradient."""
@@ -607,9 +614,9 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
 
     def _summed(self, res, name, layout, value_shape):
         if name == "value":
-            return (-res.full(res.alpha)).sum_to_size(value_shape)
+            return (-self._full_alpha(res)).sum_to_size(value_shape)
         if name == "loc":
-            return res.full(res.alpha).sum_to_size(self._unbroadcasted_loc.shape)
+            return self._full_alpha(res).sum_to_size(self._unbroadcasted_loc.shape)
         # Sum over the samples that share one member of the target's batch shape: one GEMM each.
         if name == self._parametrization:
             batch_shape = self._unbroadcasted_matrix.shape[:-2]
