@@ -51,6 +51,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from torch_mvn_ext import JacobianMVN
+from torch_mvn_ext._linalg import cpuinfo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -611,14 +612,7 @@ def cpu_model():
 
     It matters here: MKL's triangular solve runs several times slower on some CPUs than on others, relative to its GEMM.
     """
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.system()
+    return cpuinfo("model name") or platform.processor() or platform.system()
 
 
 def main(argv=None):

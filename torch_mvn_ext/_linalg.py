@@ -117,12 +117,13 @@ def _left_solve(a, x, upper):
     return torch.linalg.solve_triangular(a, x.mT, upper=upper).mT
 
 
-def _cpu_vendor():
-    """``vendor_id`` from ``/proc/cpuinfo`` (``GenuineIntel``, ``AuthenticAMD``, ...), or ``""`` where unknown."""
+def cpuinfo(field):
+    """The first ``field`` of ``/proc/cpuinfo`` (e.g. ``vendor_id``: ``GenuineIntel``, ``AuthenticAMD``; ``model
+    name``), or ``""`` where the OS does not tell it."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
@@ -132,7 +133,7 @@ def _cpu_vendor():
 _RIGHT_SOLVE_MAX_D = 128
 # Whether the CPU's BLAS runs row-major float32 triangular solves faster from the right: MKL on AMD CPUs. Read once
 # at import, a constant to torch.compile.
-_RIGHT_SOLVE_IS_FASTER = torch.backends.mkl.is_available() and _cpu_vendor() == "AuthenticAMD"
+_RIGHT_SOLVE_IS_FASTER = torch.backends.mkl.is_available() and cpuinfo("vendor_id") == "AuthenticAMD"
 
 
 def color(factor, precision, eps):
