@@ -110,6 +110,58 @@ def test_vmap_of_grad_matches_per_sample_loop(parametrization, assert_close):
     assert_close(batched[1], d.jacobian(x, parametrization))
 
 
+VALIDATED_TRANSFORMS = {
+    # (transform of f(x, loc, m), in_dims): vmap over the value, the mean or the matrix, and vmap of grad.
+    "vmap_value": (lambda f: vmap(f, in_dims=(0, None, None)), 0),
+    "vmap_loc": (lambda f: vmap(f, in_dims=(None, 0, None)), 1),
+    "vmap_matrix": (lambda f: vmap(f, in_dims=(None, None, 0)), 2),
+    "vmap_grad_value": (lambda f: vmap(grad(f), in_dims=(0, None, None)), 0),
+    "vmap_grad_loc": (lambda f: vmap(grad(f, argnums=1), in_dims=(None, 0, None)), 1),
+}
+
+
+@pytest.mark.parametrize("transform", list(VALIDATED_TRANSFORMS))
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_vmap_with_validation(parametrization, transform, assert_close):
+    """torch.func.vmap works with argument validation on (torch's default), as it does for torch's MVN: the checks
+    hold for every batch member at once."""
+    x, loc, m = (t.detach() for t in inputs(parametrization, (D,), (), (D,)))
+    batched = (x + torch.randn(4, D, dtype=x.dtype), loc + torch.randn(4, D, dtype=x.dtype),
+               matrix_for(parametrization, random_spd((4,), D)))
+    make, index = VALIDATED_TRANSFORMS[transform]
+    args = [x, loc, m]
+    args[index] = batched[index]
+
+    def log_prob(x, loc, m):
+        return JacobianMVN(loc, **{parametrization: m}, validate_args=True).log_prob(x)
+
+    ours = make(log_prob)(*args)
+    expected = []  # per batch member, torch's MVN and plain autograd
+    for i in range(4):
+        member = [a[i].clone().requires_grad_() if j == index else a for j, a in enumerate(args)]
+        lp = MultivariateNormal(member[1], **{parametrization: member[2]}).log_prob(member[0])
+        expected.append(torch.autograd.grad(lp, member[index])[0] if "grad" in transform else lp)
+    assert_close(ours, torch.stack(expected))
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_validation_under_vmap_still_rejects_bad_members(parametrization):
+    x, loc, m = (t.detach() for t in inputs(parametrization, (D,), (), (D,)))
+    values = torch.randn(4, D, dtype=x.dtype)
+    values[2, 1] = float("nan")
+    d = JacobianMVN(loc, **{parametrization: m}, validate_args=True)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        vmap(d.log_prob)(values)
+    locs = torch.randn(4, D, dtype=x.dtype)
+    locs[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="loc"):
+        vmap(lambda lc: JacobianMVN(lc, **{parametrization: m}, validate_args=True).log_prob(x))(locs)
+    bad = matrix_for(parametrization, random_spd((4,), D))
+    bad[3] = bad[3].mT.clone() if parametrization == "scale_tril" else -bad[3]  # not lower-triangular / not PD
+    with pytest.raises(ValueError, match=parametrization):
+        vmap(lambda mm: JacobianMVN(loc, **{parametrization: mm}, validate_args=True).log_prob(x))(bad)
+
+
 @pytest.mark.filterwarnings(TORCH_COMPILE_FUNCTION_WARNING)
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_torch_compile_fullgraph(parametrization, assert_close):

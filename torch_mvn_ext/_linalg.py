@@ -39,6 +39,23 @@ def broadcast_shapes(*shapes):
     return torch.Size(out)
 
 
+def all_true(condition):
+    """``bool(condition.all())`` for a boolean tensor, also inside ``torch.func`` transforms: under ``vmap`` it holds
+    when it holds for every batch member (the batching rule of ``torch._is_all_true``, which torch's own argument
+    checks use)."""
+    if torch._C._are_functorch_transforms_active():
+        return bool(torch._is_all_true(condition))
+    return bool(condition) if condition.dim() == 0 else bool(condition.all())
+
+
+def all_equal(a, b):
+    """``torch.equal(a, b)`` for two tensors of one shape (one fused comparison), also inside ``torch.func``
+    transforms, which have no batching rule for it."""
+    if torch._C._are_functorch_transforms_active():
+        return all_true(a == b)
+    return torch.equal(a, b)
+
+
 def cholesky(matrix, name):
     r"""Lower Cholesky factor of ``matrix``, with an error that names the argument if it is not positive definite."""
     try:

@@ -8,6 +8,8 @@ from . import _autograd
 from ._linalg import (
     Grouping,
     Residual,
+    all_equal,
+    all_true,
     broadcast_shapes,
     check_event_tensor,
     cholesky,
@@ -98,7 +100,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             self._validate_parameter("loc", loc, constraints.real_vector)
             if name == "scale_tril":
                 self._validate_parameter(name, matrix, constraints.lower_cholesky)
-            elif not torch.equal(matrix, matrix.mT):  # exactly symmetric, the usual case: no tolerance check
+            elif not all_equal(matrix, matrix.mT):  # exactly symmetric, the usual case: no tolerance check
                 self._validate_parameter(name, matrix, constraints.symmetric)
         self._precision_factored = name == "precision_matrix"
         if name == "scale_tril":
@@ -536,7 +538,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             # The shape checks above and finiteness cover torch's _validate_sample (support real_vector: no NaN).
             # One reduction first: a sum is finite when every entry is (barring overflow, which the elementwise
             # check then clears), at a fraction of the cost of the elementwise check on every call.
-            if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
+            if not all_true(torch.isfinite(value.sum())) and not all_true(torch.isfinite(value)):
                 raise ValueError(f"value contains NaN or infinite entries:\n{value}")
         if value.dtype != self.loc.dtype:
             value = value.to(self.loc.dtype)
@@ -705,10 +707,10 @@ def _satisfies(constraint, value):
     """``constraint.check(value).all()``, with the same verdict (NaN fails) in 2-3x fewer operations for the
     constraints checked at every construction."""
     if constraint is constraints.lower_cholesky:
-        return bool(value.diagonal(dim1=-2, dim2=-1).gt(0).all()) and torch.equal(value.tril(), value)
+        return all_true(value.diagonal(dim1=-2, dim2=-1).gt(0)) and all_equal(value.tril(), value)
     if constraint is constraints.real_vector:
-        return not bool(value.isnan().any())
-    return bool(constraint.check(value).all())
+        return all_true(value == value)
+    return all_true(constraint.check(value))
 
 
 def _check_choice(arg, value, allowed):
