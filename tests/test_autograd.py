@@ -208,6 +208,51 @@ def test_float32_solve_routes_under_transforms(monkeypatch, parametrization, rig
     )
 
 
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_distribution_built_without_grad_matches_torch(parametrization, assert_close):
+    """Built under torch.no_grad(), the distribution's factor records no graph: as for torch's MVN, log_prob then
+    sends gradients to the value only, and none to the parameters (for scale_tril, the factor is the parameter)."""
+    x, loc, m = inputs(parametrization)
+    results = {}
+    for cls in (JacobianMVN, MultivariateNormal):
+        with torch.no_grad():
+            d = cls(loc, **{parametrization: m})
+        lp = d.log_prob(x)
+        leaves = [t for t in (x, loc, m) if lp.requires_grad]
+        grads = torch.autograd.grad(lp.sum(), leaves, allow_unused=True) if leaves else ()
+        results[cls] = (lp, [g is None for g in grads], grads)
+    (lp, unused, grads), (ref, ref_unused, ref_grads) = results.values()
+    assert_close(lp, ref)
+    assert unused == ref_unused
+    for a, b in zip(grads, ref_grads):
+        if b is not None:
+            assert_close(a, b)
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_parameter_changed_in_place_before_backward_matches_torch(parametrization, assert_close):
+    """An optimizer step between log_prob and backward (a retained loss): where torch's MVN allows it (the covariance
+    and precision parametrizations, which save only the factor), so does JacobianMVN, with the same gradients of the
+    log-density as it was evaluated; where torch refuses (scale_tril, saved itself), both refuse."""
+    outcomes = []
+    for cls in (JacobianMVN, MultivariateNormal):
+        torch.manual_seed(0)
+        x, loc, m = inputs(parametrization)
+        lp = cls(loc, **{parametrization: m}).log_prob(x).sum()
+        with torch.no_grad():
+            m.mul_(1.5)
+        try:
+            outcomes.append(torch.autograd.grad(lp, (x, loc, m)))
+        except RuntimeError as e:
+            assert "modified by an inplace operation" in str(e)
+            outcomes.append(None)
+    ours, torchs = outcomes
+    assert (ours is None) == (torchs is None)
+    if torchs is not None:
+        for a, b in zip(ours, torchs):
+            assert_close(a, b)
+
+
 def test_no_gradient_needed_builds_no_graph():
     d = JacobianMVN(torch.zeros(D), covariance_matrix=torch.eye(D))
     assert d.log_prob(torch.randn(4, D)).grad_fn is None

@@ -197,6 +197,17 @@ def test_valid_arguments_raise_nothing(validate_args):
     assert d.log_prob_and_grads(value, reduction="sum")[1]["covariance_matrix"].shape == (2, D, D)
 
 
+@pytest.mark.parametrize("validate_args", [False, True])
+@pytest.mark.parametrize("parametrization", ["covariance_matrix", "precision_matrix"])
+def test_not_positive_definite_is_also_torchs_linalg_error(parametrization, validate_args):
+    """The error names the argument (a ValueError) and is still the torch.linalg.LinAlgError that torch's MVN raises
+    without validation, so that code retrying a factorization with jitter catches it as before."""
+    with pytest.raises(torch.linalg.LinAlgError, match=f"{parametrization} is not positive definite"):
+        dist(validate_args, **{parametrization: NOT_PD})
+    with pytest.raises(torch.linalg.LinAlgError):
+        MultivariateNormal(loc(), **{parametrization: NOT_PD}, validate_args=False)
+
+
 def test_unvalidated_scale_tril_with_negative_diagonal_is_the_distribution_it_samples():
     """Without validation a negative diagonal entry is a sign flip of a column of L: Sigma = L L^T is unchanged,
     and so are log_prob, entropy and the scale_tril gradient (d log|L_ii| / d L_ii = 1 / L_ii), never NaN."""

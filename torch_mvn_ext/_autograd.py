@@ -22,10 +22,10 @@ import torch
 from ._linalg import Residual, sigma_inverse_from_factor
 
 
-def _residual(value, loc, factor, precision, covariance, r=None, z=None):
-    r"""The shared intermediates; for the covariance parametrization (``covariance`` given), :math:`\alpha` may come
+def _residual(value, loc, factor, precision, from_covariance, r=None, z=None):
+    r"""The shared intermediates; for the covariance parametrization (``from_covariance``), :math:`\alpha` may come
     from a GEMM with :math:`\Sigma^{-1}` (see :attr:`Residual.alpha`), which the covariance gradient needs too."""
-    sigma_inverse = (lambda: sigma_inverse_from_factor(factor, precision)) if covariance is not None else None
+    sigma_inverse = (lambda: sigma_inverse_from_factor(factor, precision)) if from_covariance else None
     return Residual(value, loc, factor, precision, r=r, z=z, sigma_inverse=sigma_inverse)
 
 
@@ -74,20 +74,23 @@ class LogProb(torch.autograd.Function):
         value, loc, factor, covariance, precision = inputs
         _, r, z = output
         ctx.precision = precision
+        # Whether the covariance is an input, not the tensor itself: the backward needs only the factor, so that,
+        # as with torch's MVN, the covariance may change in place (an optimizer step) before the backward runs.
+        ctx.from_covariance = covariance is not None
         ctx.mark_non_differentiable(r, z)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(value, loc, factor, covariance, r, z)
+        ctx.save_for_backward(value, loc, factor, r, z)
 
     @staticmethod
     def backward(ctx, grad, _grad_r, _grad_z):
         if grad is None:
             return None, None, None, None, None
-        value, loc, factor, covariance, r, z = ctx.saved_tensors
+        value, loc, factor, r, z = ctx.saved_tensors
         differentiable = torch.is_grad_enabled()
         if differentiable:  # create_graph=True (double backward): rebuild r and z differentiably
-            res = _residual(value, loc, factor, ctx.precision, covariance)
+            res = _residual(value, loc, factor, ctx.precision, ctx.from_covariance)
         else:
-            res = _residual(value, loc, factor, ctx.precision, covariance, r=r, z=z)
+            res = _residual(value, loc, factor, ctx.precision, ctx.from_covariance, r=r, z=z)
         g = res.grouping
         weights = g.group(grad.unsqueeze(-1))
         grad_value = grad_loc = grad_factor = grad_covariance = None
@@ -101,7 +104,7 @@ class LogProb(torch.autograd.Function):
                 grad_value = (-weighted).sum_to_size(value.shape)
             if ctx.needs_input_grad[1]:
                 grad_loc = weighted.sum_to_size(loc.shape)
-        if covariance is not None and not (differentiable or torch._C._are_functorch_transforms_active()):
+        if ctx.from_covariance and not (differentiable or torch._C._are_functorch_transforms_active()):
             if ctx.needs_input_grad[3]:
                 grad_covariance = _covariance_gradient(res, weights, weighted_alpha)
         elif ctx.needs_input_grad[2]:
@@ -137,12 +140,12 @@ class LogProbWithJvp(LogProb):
     @staticmethod
     def setup_context(ctx, inputs, output):
         LogProb.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:4], *output[1:])
+        ctx.save_for_forward(*inputs[:3], *output[1:])
 
     @staticmethod
     def jvp(ctx, t_value, t_loc, t_factor, _t_covariance, _precision):
-        value, loc, factor, covariance, r, z = ctx.saved_tensors
-        res = _residual(value, loc, factor, ctx.precision, covariance, r=r, z=z)
+        value, loc, factor, r, z = ctx.saved_tensors
+        res = _residual(value, loc, factor, ctx.precision, ctx.from_covariance, r=r, z=z)
         g = res.grouping
         out = torch.zeros(g.b, g.c, dtype=z.dtype, device=z.device)
         if t_value is not None:

@@ -56,6 +56,12 @@ def all_equal(a, b):
     return torch.equal(a, b)
 
 
+class NotPositiveDefiniteError(torch.linalg.LinAlgError, ValueError):
+    """A matrix argument is not positive definite: a ``ValueError`` naming the argument, as for every bad argument,
+    and the ``torch.linalg.LinAlgError`` that torch's ``MultivariateNormal`` raises unvalidated, so code that retries a
+    factorization with jitter catches it as before."""
+
+
 def cholesky(matrix, name):
     r"""Lower Cholesky factor of ``matrix``, with an error that names the argument if it is not positive definite."""
     try:
@@ -63,7 +69,7 @@ def cholesky(matrix, name):
     except RuntimeError as e:  # torch.linalg.LinAlgError is a RuntimeError
         if "positive-definite" not in str(e):
             raise
-        raise ValueError(
+        raise NotPositiveDefiniteError(
             f"{name} is not positive definite (its Cholesky factorization failed: {e}). "
             f"Check that it is symmetric with strictly positive eigenvalues."
         ) from e
