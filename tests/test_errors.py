@@ -173,6 +173,18 @@ CASES += [
      r"grads\['loc'\] has shape \(4,\)"),
     ("marginal-out-of-range", lambda: dist().marginal([0, 3]), ValueError, r"dims contains 3, out of range"),
     ("condition-value-size", lambda: dist().condition([0], x(2)), ValueError, r"value has shape \(2,\)"),
+    ("validate-condition-value-nan", lambda: dist().condition([0, 1], with_second_entry(float("nan"))[:2]),
+     ValueError, r"value contains NaN or infinite entries"),
+    ("validate-condition-value-inf", lambda: dist().condition([1], with_second_entry(float("inf"))[1:2]),
+     ValueError, r"value contains NaN or infinite entries"),
+    ("condition-value-device", lambda: dist().condition([1], x(1).to("meta")), ValueError,
+     r"value is on device meta but the distribution is on device cpu"),
+    ("natural_gradient-device", lambda: dist().natural_gradient({"loc": x(D).to("meta")}), ValueError,
+     r"grads\['loc'\] is on device meta but the distribution is on device cpu"),
+    ("marginal-dims-float-tensor-entry", lambda: dist().marginal([torch.tensor(1.0)]), ValueError,
+     r"dims must contain ints; got tensor\(1\.\)"),
+    ("marginal-dims-1d-tensor-entry", lambda: dist().marginal([torch.tensor([0, 1])]), ValueError,
+     r"dims must contain ints; got tensor\(\[0, 1\]\)"),
 ]
 
 

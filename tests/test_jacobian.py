@@ -144,6 +144,21 @@ def test_sum_reduction_matches_autograd(parametrization, layout, case, assert_cl
     assert_close(lp, ref_lp.detach())
 
 
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dist_dtype", [torch.float32, torch.float64])
+def test_sum_reduction_value_gradient_has_the_values_dtype(dist_dtype, value_dtype, assert_close):
+    """As torch.autograd.grad returns it: the gradient w.r.t. the value in the value's dtype, w.r.t. the parameters
+    in theirs, whatever the distribution casts the value to."""
+    loc = torch.randn(D, dtype=dist_dtype, requires_grad=True)
+    cov = random_spd((), D).to(dist_dtype)
+    x = torch.randn(4, D, dtype=value_dtype, requires_grad=True)
+    _, grads = JacobianMVN(loc.detach(), cov).log_prob_and_grads(x.detach(), ("value", "loc"), reduction="sum")
+    expected = torch.autograd.grad(MultivariateNormal(loc, cov).log_prob(x).sum(), (x, loc))
+    for g, e in zip(grads.values(), expected):
+        assert g.dtype == e.dtype
+        assert_close(g.double(), e.double(), atol=1e-5, rtol=1e-5)
+
+
 def test_sum_reduction_builds_no_autograd_graph():
     loc = torch.zeros(D, dtype=torch.float64)
     d = JacobianMVN(loc, covariance_matrix=random_spd((), D))

@@ -427,7 +427,9 @@ def event_dims(dims, d):
         raise ValueError(f"dims must be a sequence (list, tuple or range) of event indices; got {dims!r}")
     out = []
     for i in dims:
-        if isinstance(i, bool) or not hasattr(i, "__index__"):
+        if isinstance(i, bool) or not hasattr(i, "__index__") or (
+            isinstance(i, torch.Tensor) and (i.dim() != 0 or i.dtype.is_floating_point or i.dtype.is_complex)
+        ):
             raise ValueError(f"dims must contain ints; got {i!r} in {list(dims)}")
         i = operator.index(i)
         if not -d <= i < d:
@@ -446,11 +448,13 @@ def sub_block(matrix, rows, cols):
     return matrix[..., r[:, None], c[None, :]]
 
 
-def check_event_tensor(name, t, event_shape, batch_shape, what="the distribution's event shape"):
-    """Checks that ``t`` is a tensor ending in ``event_shape`` (``what``) whose batch broadcasts with
-    ``batch_shape``; returns the broadcast batch shape."""
+def check_event_tensor(name, t, event_shape, batch_shape, device, what="the distribution's event shape"):
+    """Checks that ``t`` is a tensor on ``device`` (the distribution's) ending in ``event_shape`` (``what``) whose
+    batch broadcasts with ``batch_shape``; returns the broadcast batch shape."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on device {t.device} but the distribution is on device {device}")
     n = len(event_shape)
     if t.dim() < n or t.shape[t.dim() - n :] != event_shape:
         raise ValueError(

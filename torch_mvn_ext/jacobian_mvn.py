@@ -272,7 +272,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         if reduction == "none":
             grads = {name: self._per_sample(res, name, layout) for name in names}
         else:
-            grads = {name: self._summed(res, name, layout, value.shape) for name in names}
+            grads = {name: self._summed(res, name, layout, value) for name in names}
         return res.log_prob, grads
 
     def hessian(self, value, wrt="value"):
@@ -383,13 +383,13 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         for name, g in grads.items():
             key = f"grads[{name!r}]"
             if name == "loc":
-                shape = check_event_tensor(key, g, event, self._batch_shape)
+                shape = check_event_tensor(key, g, event, self._batch_shape, self.loc.device)
                 grouping = Grouping(shape, self._factor.shape[:-2])
                 x = grouping.group(g.to(dtype))
                 x = sigma_matvec(grouping.flat_matrix(self._factor), self._precision_factored, x)
                 out[name] = grouping.ungroup(x)
                 continue
-            shape = check_event_tensor(key, g, event + event, self._batch_shape)
+            shape = check_event_tensor(key, g, event + event, self._batch_shape, self.loc.device)
             g = g.to(dtype)
             if name == "scale_tril":
                 nat = tril_natural_gradient(self._unbroadcasted_scale_tril, g)
@@ -486,7 +486,11 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
                 f"condition(dims={list(dims)}) observes all {d} coordinates, which leaves no coordinate to condition"
             )
         m = len(b)
-        shape = check_event_tensor("value", value, torch.Size([m]), self._batch_shape, what=f"len(dims) = {m}")
+        shape = check_event_tensor(
+            "value", value, torch.Size([m]), self._batch_shape, self.loc.device, what=f"len(dims) = {m}"
+        )
+        if self._validate_args:
+            _check_finite("value", value)
         if not m:
             return self.expand(shape)
         value = value.to(self.loc.dtype)
@@ -542,10 +546,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             raise ValueError(f"value is on device {value.device} but the distribution is on device {self.loc.device}")
         if self._validate_args:
             # The shape checks above and finiteness cover torch's _validate_sample (support real_vector: no NaN).
-            # One reduction first: a sum is finite when every entry is (barring overflow, which the elementwise
-            # check then clears), at a fraction of the cost of the elementwise check on every call.
-            if not all_true(torch.isfinite(value.sum())) and not all_true(torch.isfinite(value)):
-                raise ValueError(f"value contains NaN or infinite entries:\n{value}")
+            _check_finite("value", value)
         if value.dtype != self.loc.dtype:
             value = value.to(self.loc.dtype)
         return value
@@ -620,9 +621,11 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         """:math:`1 / L_{ii}`, shape ``factor_batch + (d,)``."""
         return inv_scale_diag(self._factor, self._precision_factored)
 
-    def _summed(self, res, name, layout, value_shape):
+    def _summed(self, res, name, layout, value):
         if name == "value":
-            return (-self._full_alpha(res)).sum_to_size(value_shape)
+            # In the value's own dtype, as torch.autograd.grad returns it (the distribution computes in its own).
+            grad = (-self._full_alpha(res)).sum_to_size(value.shape)
+            return grad.to(value.dtype) if value.dtype.is_floating_point else grad
         if name == "loc":
             return self._full_alpha(res).sum_to_size(self._unbroadcasted_loc.shape)
         # Sum over the samples that share one member of the target's batch shape: one GEMM each.
@@ -717,6 +720,13 @@ def _satisfies(constraint, value):
     if constraint is constraints.real_vector:
         return all_true(value == value)
     return all_true(constraint.check(value))
+
+
+def _check_finite(name, value):
+    # One reduction first: a sum is finite when every entry is (barring overflow, which the elementwise check then
+    # clears), at a fraction of the cost of the elementwise check on every call.
+    if not all_true(torch.isfinite(value.sum())) and not all_true(torch.isfinite(value)):
+        raise ValueError(f"{name} contains NaN or infinite entries:\n{value}")
 
 
 def _check_choice(arg, value, allowed):
