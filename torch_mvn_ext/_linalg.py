@@ -11,12 +11,34 @@ In both cases :math:`z = L^{-1} r` is the same whitened residual, so every formu
 terms of ``z`` and :math:`\alpha = \Sigma^{-1} r = L^{-\top} z`.
 """
 
+import functools
 import math
 import operator
+import warnings
 
 import torch
 
 _LOG_2PI = math.log(2 * math.pi)
+
+
+def quiet_under_jit_trace(method):
+    """Runs ``method`` with ``torch.jit.TracerWarning`` silenced while ``torch.jit.trace`` records it (Pyro's
+    ``JitTrace_ELBO``, ``HMC``/``NUTS`` with ``jit_compile=True``).
+
+    Under a trace, sizes are tensors, and each Python comparison of them (broadcasting, grouping samples, argument
+    checks) warns that the trace keeps its outcome as a constant. Here that is what is meant: those branches depend
+    on shapes only, which a trace fixes anyway, as torch's own ``MultivariateNormal`` assumes without warning.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        if not torch.jit.is_tracing():
+            return method(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return method(*args, **kwargs)
+
+    return wrapper
 
 
 def format_shape(shape):

@@ -20,6 +20,7 @@ from ._linalg import (
     half_log_det,
     inv_scale_diag,
     precision_factor,
+    quiet_under_jit_trace,
     scale_tril_from_factor,
     sigma_inverse_from_factor,
     sigma_matvec,
@@ -82,6 +83,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
     support = constraints.real_vector
     has_rsample = True
 
+    @quiet_under_jit_trace
     def __init__(self, loc, covariance_matrix=None, precision_matrix=None, scale_tril=None, validate_args=None):
         name, matrix = _check_parameters(loc, covariance_matrix, precision_matrix, scale_tril)
         batch_shape = broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
@@ -118,6 +120,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
                 batch_shape = broadcast_shape(batch_shape, matrix[:-2])
         return batch_shape, event_shape
 
+    @quiet_under_jit_trace
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(JacobianMVN, _instance)
         batch_shape = torch.Size(batch_shape)
@@ -189,6 +192,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             var = self._unbroadcasted_scale_tril.pow(2).sum(-1)
         return var.expand(self._batch_shape + self._event_shape)
 
+    @quiet_under_jit_trace
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
         eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
@@ -197,6 +201,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         # contiguous: a float32 triangular solve from the right (_linalg._left_solve) leaves its result column-major
         return (self.loc + offset).contiguous()
 
+    @quiet_under_jit_trace
     def log_prob(self, value):
         value = self._check_value(value)
         covariance = None
@@ -208,10 +213,12 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
                 covariance = covariance.detach()
         return _autograd.log_prob(value, self.loc, self._factor, self._precision_factored, covariance)
 
+    @quiet_under_jit_trace
     def entropy(self):
         H = entropy_from_half_log_det(self._event_shape[0], half_log_det(self._factor, self._precision_factored))
         return H.expand(self._batch_shape)
 
+    @quiet_under_jit_trace
     def jacobian(self, value, wrt="value", *, layout="full"):
         r"""Per-sample derivatives of ``log_prob(value)``, in closed form from the one factorization.
 
@@ -245,6 +252,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         out = {name: self._per_sample(res, name, layout) for name in names}
         return out if not isinstance(wrt, str) else out[wrt]
 
+    @quiet_under_jit_trace
     def log_prob_and_grads(self, value, wrt=None, *, reduction="none", layout="full"):
         r"""``log_prob(value)`` and its derivatives in one pass: one factorization, shared intermediates, no
         autograd graph.
@@ -275,6 +283,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             grads = {name: self._summed(res, name, layout, value) for name in names}
         return res.log_prob, grads
 
+    @quiet_under_jit_trace
     def hessian(self, value, wrt="value"):
         r"""Per-sample Hessian of ``log_prob(value)`` w.r.t. ``value`` or ``loc``, without autograd.
 
@@ -294,6 +303,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         shape = torch.broadcast_shapes(value.shape[:-1], self._batch_shape) + self._event_shape + self._event_shape
         return (-self._unbroadcasted_sigma_inverse).expand(shape)
 
+    @quiet_under_jit_trace
     def fisher_information(self, wrt="loc", *, layout="vech"):
         r"""The Fisher information matrix of each batch member, in closed form, in the coordinates of ``wrt``.
 
@@ -337,6 +347,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             info = tril_fisher_vech(self._unbroadcasted_sigma_inverse, self._scale_diag_term())
         return info.expand(self._batch_shape + info.shape[-2:])
 
+    @quiet_under_jit_trace
     def natural_gradient(self, grads):
         r"""Natural gradients :math:`F^{-1} g` from Euclidean ones, in :math:`O(d^3)` per member, never forming
         :math:`F`.
@@ -399,6 +410,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             out[name] = nat.expand(shape + event + event)
         return out
 
+    @quiet_under_jit_trace
     def marginal(self, dims):
         r"""The distribution of ``x[..., dims]``.
 
@@ -449,6 +461,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         out = JacobianMVN(loc, **{name: matrix}, validate_args=self._validate_args)
         return out if out.batch_shape == self._batch_shape else out.expand(self._batch_shape)
 
+    @quiet_under_jit_trace
     def condition(self, dims, value):
         r"""The distribution of the remaining coordinates (in their original order) given ``x[..., dims] = value``.
 

@@ -34,7 +34,7 @@ import torch
 from pyro.distributions.kl import _kl_independent_mvn
 from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal, Normal, register_kl
 
-from ._linalg import Grouping, format_shape, half_log_det, whiten
+from ._linalg import Grouping, format_shape, half_log_det, quiet_under_jit_trace, whiten
 from .jacobian_mvn import JacobianMVN
 
 __all__ = []
@@ -170,6 +170,7 @@ def _check_shapes(p, q):
         ) from None
 
 
+@quiet_under_jit_trace
 def _kl(p, q):
     _check_shapes(p, q)
     vp, vq = _view(p), _view(q)
