@@ -144,6 +144,8 @@ def test_vmap_with_validation(parametrization, transform, assert_close):
     assert_close(ours, torch.stack(expected))
 
 
+# torch's symmetric constraint (checked when a matrix is not exactly symmetric) has no vmap batching rule for isclose.
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_validation_under_vmap_still_rejects_bad_members(parametrization):
     x, loc, m = (t.detach() for t in inputs(parametrization, (D,), (), (D,)))
@@ -157,8 +159,9 @@ def test_validation_under_vmap_still_rejects_bad_members(parametrization):
     with pytest.raises(ValueError, match="loc"):
         vmap(lambda lc: JacobianMVN(lc, **{parametrization: m}, validate_args=True).log_prob(x))(locs)
     bad = matrix_for(parametrization, random_spd((4,), D))
-    bad[3] = bad[3].mT.clone() if parametrization == "scale_tril" else -bad[3]  # not lower-triangular / not PD
-    with pytest.raises(ValueError, match=parametrization):
+    # Not lower-triangular, or not symmetric: the validation's own checks, under vmap.
+    bad[3] = bad[3].mT.clone() if parametrization == "scale_tril" else bad[3] + torch.eye(D).roll(1, 0)
+    with pytest.raises(ValueError, match=f"Expected parameter {parametrization}"):
         vmap(lambda mm: JacobianMVN(loc, **{parametrization: mm}, validate_args=True).log_prob(x))(bad)
 
 
@@ -218,7 +221,7 @@ def test_distribution_built_without_grad_matches_torch(parametrization, assert_c
         with torch.no_grad():
             d = cls(loc, **{parametrization: m})
         lp = d.log_prob(x)
-        leaves = [t for t in (x, loc, m) if lp.requires_grad]
+        leaves = [t for t in (x, loc, m) if t.requires_grad] if lp.requires_grad else []
         grads = torch.autograd.grad(lp.sum(), leaves, allow_unused=True) if leaves else ()
         results[cls] = (lp, [g is None for g in grads], grads)
     (lp, unused, grads), (ref, ref_unused, ref_grads) = results.values()

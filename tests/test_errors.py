@@ -183,6 +183,8 @@ CASES += [
      r"grads\['loc'\] is on device meta but the distribution is on device cpu"),
     ("marginal-dims-float-tensor-entry", lambda: dist().marginal([torch.tensor(1.0)]), ValueError,
      r"dims must contain ints; got tensor\(1\.\)"),
+    ("marginal-dims-bool-tensor-entry", lambda: dist().marginal([torch.tensor(True)]), ValueError,
+     r"dims must contain ints; got tensor\(True\)"),
     ("marginal-dims-1d-tensor-entry", lambda: dist().marginal([torch.tensor([0, 1])]), ValueError,
      r"dims must contain ints; got tensor\(\[0, 1\]\)"),
 ]

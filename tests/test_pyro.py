@@ -252,3 +252,13 @@ def test_jit_traces_raise_no_tracer_warnings(parametrization, assert_close):
     # Traced, torch's MultivariateNormal.log_prob keeps its d * log(2 pi) in float32 (see above).
     assert_close(*losses, rtol=1e-7, atol=0)
     assert_close(*chains, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.filterwarnings(JIT_DEPRECATION)
+def test_jit_trace_still_warns_where_it_keeps_data():
+    """The TracerWarnings stay where a trace keeps a value read from data: validation, and dims given as a tensor."""
+    d = JacobianMVN(torch.arange(3.0), covariance_matrix=torch.diag(torch.tensor([1.0, 2.0, 3.0])))
+    with pytest.warns(torch.jit.TracerWarning):
+        torch.jit.trace(lambda dims: d.marginal(dims).mean, (torch.tensor([0, 1]),))
+    with pytest.warns(torch.jit.TracerWarning):
+        torch.jit.trace(lambda x: JacobianMVN(x, torch.eye(3), validate_args=True).log_prob(x), (torch.zeros(3),))

@@ -22,23 +22,32 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 def quiet_under_jit_trace(method):
-    """Runs ``method`` with ``torch.jit.TracerWarning`` silenced while ``torch.jit.trace`` records it (Pyro's
-    ``JitTrace_ELBO``, ``HMC``/``NUTS`` with ``jit_compile=True``).
+    """Runs ``method`` (of a distribution, or a function of distributions) with ``torch.jit.TracerWarning`` silenced
+    while ``torch.jit.trace`` records it for a distribution that does not validate its arguments, as Pyro traces
+    (``JitTrace_ELBO``, ``HMC``/``NUTS`` with ``jit_compile=True`` turn validation off).
 
     Under a trace, sizes are tensors, and each Python comparison of them (broadcasting, grouping samples, argument
-    checks) warns that the trace keeps its outcome as a constant. Here that is what is meant: those branches depend
-    on shapes only, which a trace fixes anyway, as torch's own ``MultivariateNormal`` assumes without warning.
+    shapes) warns that the trace keeps its outcome as a constant. Without validation that is what is meant: those
+    branches depend on shapes only, which a trace fixes anyway, as torch's own ``MultivariateNormal`` assumes
+    without warning. Validation reads the data, and a trace keeps what it read: then the warnings stay, as they do
+    for torch's. (While ``__init__`` runs, ``_validate_args`` is still torch's default.) Methods that read indices
+    from data (``marginal``, ``condition``) are not wrapped.
     """
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        if not torch.jit.is_tracing():
+        if not torch.jit.is_tracing() or args[0]._validate_args:
             return method(*args, **kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             return method(*args, **kwargs)
 
     return wrapper
+
+
+def check_device(name, t, device):
+    if t.device != device:
+        raise ValueError(f"{name} is on device {t.device} but the distribution is on device {device}")
 
 
 def format_shape(shape):
@@ -450,7 +459,8 @@ def event_dims(dims, d):
     out = []
     for i in dims:
         if isinstance(i, bool) or not hasattr(i, "__index__") or (
-            isinstance(i, torch.Tensor) and (i.dim() != 0 or i.dtype.is_floating_point or i.dtype.is_complex)
+            isinstance(i, torch.Tensor)
+            and (i.dim() != 0 or i.dtype.is_floating_point or i.dtype.is_complex or i.dtype == torch.bool)
         ):
             raise ValueError(f"dims must contain ints; got {i!r} in {list(dims)}")
         i = operator.index(i)
@@ -475,8 +485,7 @@ def check_event_tensor(name, t, event_shape, batch_shape, device, what="the dist
     batch broadcasts with ``batch_shape``; returns the broadcast batch shape."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device != device:
-        raise ValueError(f"{name} is on device {t.device} but the distribution is on device {device}")
+    check_device(name, t, device)
     n = len(event_shape)
     if t.dim() < n or t.shape[t.dim() - n :] != event_shape:
         raise ValueError(

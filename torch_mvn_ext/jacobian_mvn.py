@@ -11,6 +11,7 @@ from ._linalg import (
     all_equal,
     all_true,
     broadcast_shapes,
+    check_device,
     check_event_tensor,
     cholesky,
     color,
@@ -410,7 +411,6 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             out[name] = nat.expand(shape + event + event)
         return out
 
-    @quiet_under_jit_trace
     def marginal(self, dims):
         r"""The distribution of ``x[..., dims]``.
 
@@ -461,7 +461,6 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         out = JacobianMVN(loc, **{name: matrix}, validate_args=self._validate_args)
         return out if out.batch_shape == self._batch_shape else out.expand(self._batch_shape)
 
-    @quiet_under_jit_trace
     def condition(self, dims, value):
         r"""The distribution of the remaining coordinates (in their original order) given ``x[..., dims] = value``.
 
@@ -555,8 +554,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
                 f"value has shape {format_shape(value.shape)}, which does not broadcast with the distribution's "
                 f"batch_shape + event_shape {format_shape(self._batch_shape + self._event_shape)}"
             ) from None
-        if value.device != self.loc.device:
-            raise ValueError(f"value is on device {value.device} but the distribution is on device {self.loc.device}")
+        check_device("value", value, self.loc.device)
         if self._validate_args:
             # The shape checks above and finiteness cover torch's _validate_sample (support real_vector: no NaN).
             _check_finite("value", value)
