@@ -168,14 +168,12 @@ def log_prob(value, loc, factor, precision, covariance=None):
     ``covariance``: the covariance matrix ``factor`` is the Cholesky factor of, for the covariance parametrization.
     The backward then returns its gradient directly, and may form :math:`\alpha` with :math:`\Sigma^{-1}`, which is
     as accurate as two triangular solves with a computed factor. A ``scale_tril`` given exactly is solved with, which
-    is more accurate in float32 (``benchmarks/accuracy.py``).
+    is more accurate in float32 (``benchmarks/accuracy.py``). It receives a gradient only where ``factor`` was
+    computed from it with autograd recording, as torch's MVN gives it one (not after a ``torch.no_grad()`` build).
     """
-    if torch.is_grad_enabled() and (
-        value.requires_grad
-        or loc.requires_grad
-        or factor.requires_grad
-        or (covariance is not None and covariance.requires_grad)
-    ):
+    if covariance is not None and covariance.requires_grad and not factor.requires_grad:
+        covariance = covariance.detach()
+    if torch.is_grad_enabled() and (value.requires_grad or loc.requires_grad or factor.requires_grad):
         function = LogProb if torch.compiler.is_compiling() else LogProbWithJvp
         return function.apply(value, loc, factor, covariance, precision)[0]
     return Residual(value, loc, factor, precision).log_prob

@@ -205,13 +205,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
     @quiet_under_jit_trace
     def log_prob(self, value):
         value = self._check_value(value)
-        covariance = None
-        if self._parametrization == "covariance_matrix":
-            covariance = self._unbroadcasted_matrix
-            if covariance.requires_grad and not self._factor.requires_grad:
-                # Factored without recording a graph (under torch.no_grad()): as for torch's MVN, no gradient
-                # reaches the covariance.
-                covariance = covariance.detach()
+        covariance = self._unbroadcasted_matrix if self._parametrization == "covariance_matrix" else None
         return _autograd.log_prob(value, self.loc, self._factor, self._precision_factored, covariance)
 
     @quiet_under_jit_trace
