@@ -45,6 +45,12 @@ def make_data(num_data, d, seed):
 def main(args):
     distributed = "WORLD_SIZE" in os.environ  # set by torchrun
     if distributed:
+        # Imported before the group exists: the functions of torch.distributed.nn take ``group.WORLD`` as a default
+        # argument, so importing it afterwards (torch.optim's optimizers do, through torch._dynamo) would keep the
+        # group alive past destroy_process_group, and its gloo threads would be torn down during interpreter exit,
+        # which can abort the process ("terminate called without an active exception").
+        from torch.distributed import nn  # noqa: F401
+
         dist.init_process_group("gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
 
@@ -95,8 +101,7 @@ def main(args):
             state = {k: v.detach().clone() for k, v in guide.named_parameters()}
             torch.save({"world_size": world_size, "params": state}, args.output)
     if distributed:
-        # Every rank waits for rank 0's report before the group goes: a rank that tears gloo down while its peer
-        # still holds the connection can abort at exit ("terminate called without an active exception").
+        # Every rank waits for rank 0's report before the group and its gloo threads go.
         dist.barrier()
         dist.destroy_process_group()
 

@@ -33,12 +33,12 @@ def run(command, env):
     return result
 
 
-def run_torchrun(script_args, env):
+def run_torchrun(script_args, env, script=SCRIPT):
     """Two processes on 127.0.0.1; a second try with a new port if another process took the free one first."""
     for attempt in range(2):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                     "--master_addr=127.0.0.1", f"--master_port={free_local_port()}"]
-        command = [*launcher, str(SCRIPT), *script_args]
+        command = [*launcher, str(script), *script_args]
         result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env,
                                 cwd=SCRIPT.parent.parent)
         if result.returncode == 0 or attempt == 1 or "address already in use" not in result.stderr.lower():
@@ -61,3 +61,48 @@ def test_two_processes_reach_the_single_process_parameters(tmp_path):
         # The all-reduced gradient equals the single-process one up to the order of the floating-point sums.
         torch.testing.assert_close(two["params"][name], value, rtol=1e-7, atol=1e-7)
         assert not torch.equal(value, torch.zeros_like(value))
+
+
+# Runs the example as torchrun would, and writes the threads each process has just before the example's
+# init_process_group and just after its destroy_process_group to REPORTS/rank<RANK>-{init,destroy}.txt. Native
+# threads are listed from /proc, which Python's threading does not see.
+TEARDOWN_PROBE = """
+import glob, os, pathlib, runpy
+import torch.distributed as dist
+
+def report(when):
+    names = sorted(open(path).read().strip() for path in glob.glob("/proc/self/task/*/comm"))
+    (pathlib.Path(REPORTS) / f"rank{os.environ['RANK']}-{when}.txt").write_text("\\n".join(names))
+
+init, destroy = dist.init_process_group, dist.destroy_process_group
+
+def init_and_report(*args, **kwargs):
+    report("init")
+    init(*args, **kwargs)
+
+def destroy_and_report(*args, **kwargs):
+    destroy(*args, **kwargs)
+    report("destroy")
+
+dist.init_process_group, dist.destroy_process_group = init_and_report, destroy_and_report
+runpy.run_path(EXAMPLE, run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists native threads from Linux's /proc")
+def test_gloo_threads_end_with_the_process_group(tmp_path):
+    """destroy_process_group really ends the group: each process is back to the threads it had before the group.
+
+    A group that outlives it (torch.distributed.nn, imported by torch.optim through torch._dynamo after
+    init_process_group, holds it in default arguments) keeps gloo's threads running into interpreter exit, where
+    tearing them down can abort a rank with "terminate called without an active exception".
+    """
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"EXAMPLE = {str(SCRIPT)!r}\nREPORTS = {str(tmp_path)!r}\n" + TEARDOWN_PROBE)
+    run_torchrun(["--num-steps", "2"], loopback_env(), script=probe)
+    for rank in range(2):
+        before, after = ((tmp_path / f"rank{rank}-{when}.txt").read_text().splitlines() for when in ("init", "destroy"))
+        assert before, f"rank {rank} listed no threads"
+        assert after == before, f"rank {rank}: threads {before} before the group, {after} after destroying it"
