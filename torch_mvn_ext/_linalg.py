@@ -441,6 +441,11 @@ def symmetrize(matrix):
     return 0.5 * (matrix + matrix.mT)
 
 
+def _is_integer_tensor(t, dim):
+    """Whether ``t`` is a ``dim``-dimensional tensor of an integer dtype (not bool, which indexes as a mask)."""
+    return t.dim() == dim and not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
 def event_dims(dims, d):
     r"""``dims`` as a list of event indices in ``[0, d)``; negative ones count from the end, as in Python indexing.
 
@@ -448,7 +453,7 @@ def event_dims(dims, d):
     index out of range and for repeated indices.
     """
     if isinstance(dims, torch.Tensor):
-        if dims.dim() != 1 or dims.dtype.is_floating_point or dims.dtype.is_complex or dims.dtype == torch.bool:
+        if not _is_integer_tensor(dims, 1):
             raise ValueError(
                 f"dims must be a sequence of ints; got a tensor of dtype {dims.dtype} and shape "
                 f"{format_shape(dims.shape)}"
@@ -459,8 +464,7 @@ def event_dims(dims, d):
     out = []
     for i in dims:
         if isinstance(i, bool) or not hasattr(i, "__index__") or (
-            isinstance(i, torch.Tensor)
-            and (i.dim() != 0 or i.dtype.is_floating_point or i.dtype.is_complex or i.dtype == torch.bool)
+            isinstance(i, torch.Tensor) and not _is_integer_tensor(i, 0)
         ):
             raise ValueError(f"dims must contain ints; got {i!r} in {list(dims)}")
         i = operator.index(i)
