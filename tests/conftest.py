@@ -38,3 +38,12 @@ def assert_close():
         torch.testing.assert_close(actual, expected, **kw)
 
     return check
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--differential-cases",
+        type=int,
+        default=None,
+        help="number of random cases test_differential.py draws (default: a quick run)",
+    )
