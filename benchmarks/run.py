@@ -51,7 +51,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from torch_mvn_ext import JacobianMVN
-from torch_mvn_ext._linalg import cpuinfo
+from torch_mvn_ext._factor import cpuinfo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -7,7 +7,7 @@ from helpers import PARAMETRIZATIONS, matrix_for, random_spd
 from torch.distributions import MultivariateNormal
 from torch.func import grad, hessian, jacfwd, jacrev, vmap
 
-from torch_mvn_ext import JacobianMVN, _linalg
+from torch_mvn_ext import JacobianMVN, _factor
 
 D = 3
 PROJECT = {
@@ -187,9 +187,9 @@ def test_torch_compile_fullgraph(parametrization, assert_close):
 @pytest.mark.parametrize("right_solve", [False, True], ids=["left-solve", "right-solve"])
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_float32_solve_routes_under_transforms(monkeypatch, parametrization, right_solve, assert_close):
-    """float32 solves run from the right on some CPUs (``_linalg._left_solve``); both routes compile with
+    """float32 solves run from the right on some CPUs (``_factor._left_solve``); both routes compile with
     ``fullgraph=True`` and work under ``vmap(grad)`` and ``hessian``, whichever CPU runs the tests."""
-    monkeypatch.setattr(_linalg, "_RIGHT_SOLVE_IS_FASTER", right_solve)
+    monkeypatch.setattr(_factor, "_RIGHT_SOLVE_IS_FASTER", right_solve)
     torch._dynamo.reset()  # the route is a global that compiled code guards on; start from a cold cache
     x, loc, m = (t.detach().float() for t in inputs(parametrization))
 
@@ -269,7 +269,7 @@ def test_covariance_gradient_skips_the_cholesky_backward(mat_batch, loc_shape, a
     x, loc, m = inputs("covariance_matrix", loc_shape, mat_batch, x_shape)
     d = JacobianMVN(loc, covariance_matrix=m)
     calls = []
-    d._factor.grad_fn.register_prehook(lambda grad_outputs: calls.extend(g for g in grad_outputs if g is not None))
+    d._factor.tensor.grad_fn.register_prehook(lambda grads: calls.extend(g for g in grads if g is not None))
     lp = d.log_prob(x)
     w = torch.randn(lp.shape, dtype=torch.float64)
     ours = torch.autograd.grad((lp * w).sum(), (x, loc, m))

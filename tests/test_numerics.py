@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from torch_mvn_ext import _linalg
+from torch_mvn_ext import _factor
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
 _SPEC = importlib.util.spec_from_file_location("accuracy", _PATH)
@@ -52,7 +52,7 @@ needs_extended = pytest.mark.skipif(
 def measured():
     """Relative errors of every case and parametrization, measured once per case on first use:
     ``measured(case_id, route)[parametrization]``. ``route`` is the way float32 triangular solves run on the CPU
-    (``_linalg._left_solve`` takes the right solve only on CPUs where it is faster, so both are forced here)."""
+    (``_factor._left_solve`` takes the right solve only on CPUs where it is faster, so both are forced here)."""
     cache = {}
 
     def get(case_id, route):
@@ -62,7 +62,7 @@ def measured():
             p = accuracy.make_case(d, n, condition, scale, tail, generator=g)
             q = accuracy.make_case(d, 1, condition, scale, tail, generator=g)
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(_linalg, "_RIGHT_SOLVE_IS_FASTER", route == "right solve")
+                mp.setattr(_factor, "_RIGHT_SOLVE_IS_FASTER", route == "right solve")
                 cache[case_id, route] = {pm: accuracy.measure(dtype, pm, p, q) for pm in accuracy.PARAMETRIZATIONS}
         return cache[case_id, route]
 
@@ -118,7 +118,7 @@ def test_exact_construction():
 def test_large_float32_factors_keep_the_left_solve(monkeypatch, parametrization):
     """On CPUs where float32 solves run from the right (faster, but less accurate as ``d`` grows: 2.2x torch's
     error at d = 512), large factors keep the left solve and torch's accuracy."""
-    monkeypatch.setattr(_linalg, "_RIGHT_SOLVE_IS_FASTER", True)
+    monkeypatch.setattr(_factor, "_RIGHT_SOLVE_IS_FASTER", True)
     g = torch.Generator().manual_seed(0)
     p = accuracy.make_case(512, 16, 1e2, 1.0, 1.0, generator=g)
     q = accuracy.make_case(512, 1, 1e2, 1.0, 1.0, generator=g)

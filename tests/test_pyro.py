@@ -1,5 +1,7 @@
 """JacobianMVN inside Pyro programs: every site, handler and ELBO gives what Pyro's own MultivariateNormal gives."""
 
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -256,9 +258,18 @@ def test_jit_traces_raise_no_tracer_warnings(parametrization, assert_close):
 
 @pytest.mark.filterwarnings(JIT_DEPRECATION)
 def test_jit_trace_still_warns_where_it_keeps_data():
-    """The TracerWarnings stay where a trace keeps a value read from data: validation, and dims given as a tensor."""
+    """The TracerWarnings stay where a trace keeps a value read from data: dims given as a tensor. The value checks of
+    validate_args run (and raise) while tracing, as torch's do, and say nothing from the library's own code."""
     d = JacobianMVN(torch.arange(3.0), covariance_matrix=torch.diag(torch.tensor([1.0, 2.0, 3.0])))
     with pytest.warns(torch.jit.TracerWarning):
         torch.jit.trace(lambda dims: d.marginal(dims).mean, (torch.tensor([0, 1]),))
-    with pytest.warns(torch.jit.TracerWarning):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         torch.jit.trace(lambda x: JacobianMVN(x, torch.eye(3), validate_args=True).log_prob(x), (torch.zeros(3),))
+    ours = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning) and "torch_mvn_ext" in w.filename]
+    assert not ours, [str(w.message) for w in ours]
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        torch.jit.trace(
+            lambda x: JacobianMVN(torch.zeros(3), torch.eye(3), validate_args=True).log_prob(x),
+            (torch.tensor([0.0, float("nan"), 0.0]),),
+        )

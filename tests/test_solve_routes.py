@@ -1,5 +1,5 @@
 """float32 triangular solves run from the left or, on CPUs where MKL does them faster so, from the right
-(``_linalg._left_solve``). Whichever CPU runs the tests, both routes are forced here and every public method must
+(``_factor._left_solve``). Whichever CPU runs the tests, both routes are forced here and every public method must
 give the same numbers (to float32 rounding) in a tensor of the same shape and strides, over the shape grid and all three
 parametrizations, and agree with the same methods in float64 (samples: with each other only, as float32 and float64
 draw different noise).
@@ -10,7 +10,7 @@ import torch
 from helpers import PARAMETRIZATIONS, SHAPE_GRID, SHAPE_IDS, WRT, matrix_for, random_spd
 from torch.distributions import kl_divergence
 
-from torch_mvn_ext import JacobianMVN, _linalg
+from torch_mvn_ext import JacobianMVN, _factor
 
 D = 4
 
@@ -47,7 +47,7 @@ def test_both_routes_agree_with_each_other_and_float64(monkeypatch, parametrizat
     exact = everything(parametrization, loc, m, x)
     results = {}
     for right in (False, True):
-        monkeypatch.setattr(_linalg, "_RIGHT_SOLVE_IS_FASTER", right)
+        monkeypatch.setattr(_factor, "_RIGHT_SOLVE_IS_FASTER", right)
         results[right] = everything(parametrization, loc.float(), m.float(), x.float())
     for key, reference in exact.items():
         for right in (False, True):

@@ -1,50 +1,49 @@
+r"""The distribution: :class:`JacobianMVN`, torch's ``MultivariateNormal`` with closed-form derivatives.
+
+The class reads like torch's ``MultivariateNormal``; the derivative methods at its end delegate to the module that
+holds their math: :mod:`._factor` (the triangular factor), :mod:`._derivatives` (Jacobians and summed gradients),
+:mod:`._autograd` (``log_prob``'s backward), :mod:`._information` (Fisher information, natural gradients) and
+:mod:`._conditioning` (marginals and conditionals); :mod:`._checks` holds the argument checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import pyro.distributions
 import torch
-from pyro.distributions.torch_distribution import TorchDistributionMixin
-from pyro.distributions.util import broadcast_shape
-from torch.distributions import MultivariateNormal, constraints
+from torch import Tensor
+from torch.distributions import constraints
 from torch.distributions.utils import _standard_normal, lazy_property
 
-from . import _autograd
-from ._linalg import (
-    Grouping,
-    Residual,
+from . import _autograd, _conditioning, _information
+from ._checks import (
+    LAYOUTS,
+    PARAMETRIZATIONS,
+    REDUCTIONS,
+    WRT,
     all_equal,
     all_true,
-    broadcast_shapes,
+    check_allocation,
+    check_choice,
     check_device,
     check_event_tensor,
-    cholesky,
-    color,
-    entropy_from_half_log_det,
-    event_dims,
-    format_shape,
-    half_log_det,
-    inv_scale_diag,
-    precision_factor,
+    check_out,
+    check_parameters,
+    check_wrt,
+    is_finite,
     quiet_under_jit_trace,
-    scale_tril_from_factor,
-    sigma_inverse_from_factor,
-    sigma_matvec,
-    sub_block,
-    symmetric_fisher_vech,
-    symmetrize,
-    tril_fisher_vech,
-    tril_natural_gradient,
-    vech,
-    vech_indices,
-    vech_weights,
-    whiten,
 )
+from ._derivatives import Residual, per_sample_matrix, summed_matrix
+from ._factor import CholeskyFactor, PrecisionFactor, TriangularFactor, factor_of
+from ._shapes import broadcast_shapes, event_dims, format_shape
 
 __all__ = ["JacobianMVN"]
 
-PARAMETRIZATIONS = ("covariance_matrix", "precision_matrix", "scale_tril")
-WRT = ("value", "loc") + PARAMETRIZATIONS
-LAYOUTS = ("full", "vech")
-REDUCTIONS = ("none", "sum")
+Outputs = Union[Tensor, dict[str, Tensor]]
 
 
-class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
+class JacobianMVN(pyro.distributions.MultivariateNormal):
     r"""A multivariate normal distribution with closed-form per-sample derivatives of its log-density.
 
     A drop-in for :class:`torch.distributions.MultivariateNormal` (it is one) and for Pyro's
@@ -85,108 +84,158 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
     has_rsample = True
 
     @quiet_under_jit_trace
-    def __init__(self, loc, covariance_matrix=None, precision_matrix=None, scale_tril=None, validate_args=None):
-        name, matrix = _check_parameters(loc, covariance_matrix, precision_matrix, scale_tril)
+    def __init__(
+        self,
+        loc: Tensor,
+        covariance_matrix: Tensor | None = None,
+        precision_matrix: Tensor | None = None,
+        scale_tril: Tensor | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        name, matrix = check_parameters(loc, covariance_matrix, precision_matrix, scale_tril)
+        if validate_args is None:
+            validate_args = type(self)._validate_args
+        if validate_args:
+            # torch's own check factorizes the matrix a second time; the factorization below is the check.
+            _validate_parameter("loc", loc, constraints.real_vector)
+            if name == "scale_tril":
+                _validate_parameter(name, matrix, constraints.lower_cholesky)
+            elif not all_equal(matrix, matrix.mT):  # exactly symmetric, the usual case: no tolerance check
+                _validate_parameter(name, matrix, constraints.symmetric)
+        self._setup(loc, name, matrix, factor_of(name, matrix), bool(validate_args))
+
+    def _setup(self, loc: Tensor, name: str, matrix: Tensor, factor: TriangularFactor, validate_args: bool) -> None:
+        """The state every constructor leaves: torch's attributes (``loc`` and the given matrix as views of the
+        batch shape) and the unbroadcast tensors the methods compute with."""
         batch_shape = broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
         event_shape = loc.shape[-1:]
-        self.loc = loc.expand(batch_shape + event_shape)
-        setattr(self, name, matrix.expand(batch_shape + event_shape + event_shape))
+        # What torch's Distribution.__init__ sets, with its checks done above: the rest of its MRO sets nothing.
+        self._batch_shape, self._event_shape, self._validate_args = batch_shape, event_shape, validate_args
+        self.loc = loc if loc.shape[:-1] == batch_shape else loc.expand(batch_shape + event_shape)
+        full = batch_shape + event_shape + event_shape
+        self.__dict__[name] = matrix if matrix.shape == full else matrix.expand(full)
         self._parametrization = name
         self._unbroadcasted_loc = loc
         self._unbroadcasted_matrix = matrix
-        if validate_args is None:
-            validate_args = type(self)._validate_args
-        # torch's own check factorizes the matrix a second time; ours reuses the one factorization.
-        super(MultivariateNormal, self).__init__(batch_shape, event_shape, validate_args=False)
-        self._validate_args = validate_args
-        if validate_args:
-            self._validate_parameter("loc", loc, constraints.real_vector)
-            if name == "scale_tril":
-                self._validate_parameter(name, matrix, constraints.lower_cholesky)
-            elif not all_equal(matrix, matrix.mT):  # exactly symmetric, the usual case: no tolerance check
-                self._validate_parameter(name, matrix, constraints.symmetric)
-        self._precision_factored = name == "precision_matrix"
-        if name == "scale_tril":
-            self._factor = matrix
-        elif name == "covariance_matrix":
-            self._factor = cholesky(matrix, name)
-        else:
-            self._factor = precision_factor(matrix)
+        self._factor = factor
 
-    @staticmethod
-    def infer_shapes(loc, covariance_matrix=None, precision_matrix=None, scale_tril=None):
-        batch_shape, event_shape = loc[:-1], loc[-1:]
-        for matrix in (covariance_matrix, precision_matrix, scale_tril):
-            if matrix is not None:
-                batch_shape = broadcast_shape(batch_shape, matrix[:-2])
-        return batch_shape, event_shape
+    @classmethod
+    def from_distribution(cls, mvn: torch.distributions.MultivariateNormal) -> JacobianMVN:
+        r"""The :class:`JacobianMVN` of a torch or Pyro :class:`~torch.distributions.MultivariateNormal`.
+
+        It keeps the parametrization the source was built with (the matrix argument its constructor stored first),
+        its ``validate_args`` and its tensors, and reuses its Cholesky factor: nothing is factorized again (a
+        precision-parametrized source costs one triangular inversion of its factor, :math:`T = L^{-1}`). Gradients
+        flow to the source's parameters.
+
+        Example::
+
+            >>> mvn = torch.distributions.MultivariateNormal(torch.zeros(2), covariance_matrix=torch.eye(2))
+            >>> JacobianMVN.from_distribution(mvn).jacobian(torch.ones(2), "covariance_matrix")
+            tensor([[ 0.0000,  0.5000],
+                    [ 0.5000,  0.0000]])
+
+        Args:
+            mvn (torch.distributions.MultivariateNormal): the source (any subclass, Pyro's included).
+
+        Returns:
+            JacobianMVN: with the source's ``batch_shape``, ``event_shape``, parametrization and numbers.
+        """
+        if not isinstance(mvn, torch.distributions.MultivariateNormal):
+            raise ValueError(
+                "from_distribution needs a torch.distributions.MultivariateNormal (or Pyro's); "
+                f"got {type(mvn).__name__}"
+            )
+        if isinstance(mvn, JacobianMVN):
+            name, matrix, factor = mvn._parametrization, mvn._unbroadcasted_matrix, mvn._factor
+            loc = mvn._unbroadcasted_loc
+        else:
+            name = next(key for key in mvn.__dict__ if key in PARAMETRIZATIONS)
+            matrix, loc = mvn.__dict__[name], mvn.loc
+            scale_tril = mvn._unbroadcasted_scale_tril
+            factor = CholeskyFactor(scale_tril)
+            if name == "precision_matrix":
+                factor = PrecisionFactor(CholeskyFactor(scale_tril).whiten(_eye_like(scale_tril)).mT)
+        new = cls.__new__(cls)
+        new._setup(loc, name, matrix, factor, bool(mvn._validate_args))
+        if name == "precision_matrix" and not isinstance(mvn, JacobianMVN):
+            new.__dict__["_unbroadcasted_scale_tril"] = mvn._unbroadcasted_scale_tril
+        return new if new.batch_shape == mvn.batch_shape else new.expand(mvn.batch_shape)
 
     @quiet_under_jit_trace
-    def expand(self, batch_shape, _instance=None):
+    def expand(self, batch_shape: torch.Size, _instance: Any = None) -> JacobianMVN:
         new = self._get_checked_instance(JacobianMVN, _instance)
         batch_shape = torch.Size(batch_shape)
-        matrix_shape = batch_shape + self.event_shape + self.event_shape
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         for name in PARAMETRIZATIONS:
             if name in self.__dict__:
-                setattr(new, name, self.__dict__[name].expand(matrix_shape))
-        for name in ("_unbroadcasted_scale_tril", "_unbroadcasted_sigma", "_unbroadcasted_sigma_inverse"):
+                setattr(new, name, self.__dict__[name].expand(batch_shape + self.event_shape + self.event_shape))
+        for name in _CACHED:
             if name in self.__dict__:
-                setattr(new, name, self.__dict__[name])
+                new.__dict__[name] = self.__dict__[name]
         new._parametrization = self._parametrization
         new._unbroadcasted_loc = self._unbroadcasted_loc
         new._unbroadcasted_matrix = self._unbroadcasted_matrix
-        new._precision_factored = self._precision_factored
         new._factor = self._factor
-        super(MultivariateNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
+        new._batch_shape, new._event_shape, new._validate_args = batch_shape, self._event_shape, self._validate_args
         return new
 
     @property
-    def parametrization(self):
+    def parametrization(self) -> str:
         """The matrix argument the distribution was built with: ``"covariance_matrix"``,
         ``"precision_matrix"`` or ``"scale_tril"``."""
         return self._parametrization
 
     @lazy_property
-    def _unbroadcasted_scale_tril(self):
-        return scale_tril_from_factor(self._factor, self._precision_factored)
+    def _symmetric_matrix(self) -> Tensor:
+        """The given covariance or precision matrix as the factorization read it: the covariance's lower triangle or
+        the precision's upper one (its factor comes from the flipped matrix), mirrored; the matrix itself when it is
+        symmetric, as validation checks to a tolerance. Every method that reads the
+        matrix reads this, so that an unvalidated matrix that is not symmetric means one distribution throughout."""
+        m = self._unbroadcasted_matrix
+        if self._parametrization == "precision_matrix":  # factorized flipped: its upper triangle is what was read
+            return m.triu() + m.triu(1).mT
+        return m.tril() + m.tril(-1).mT
 
     @lazy_property
-    def _unbroadcasted_sigma(self):
+    def _unbroadcasted_scale_tril(self) -> Tensor:
+        return self._factor.scale_tril()
+
+    @lazy_property
+    def _unbroadcasted_sigma(self) -> Tensor:
         if self._parametrization == "covariance_matrix":
-            return self._unbroadcasted_matrix
+            return self._symmetric_matrix
         L = self._unbroadcasted_scale_tril
         return L @ L.mT
 
     @lazy_property
-    def _unbroadcasted_sigma_inverse(self):
+    def _unbroadcasted_sigma_inverse(self) -> Tensor:
         if self._parametrization == "precision_matrix":
-            return self._unbroadcasted_matrix
-        return sigma_inverse_from_factor(self._factor, self._precision_factored)
+            return self._symmetric_matrix
+        return self._factor.precision_matrix()
 
     @lazy_property
-    def scale_tril(self):
+    def scale_tril(self) -> Tensor:
         return self._unbroadcasted_scale_tril.expand(self._batch_shape + self._event_shape + self._event_shape)
 
     @lazy_property
-    def covariance_matrix(self):
+    def covariance_matrix(self) -> Tensor:
         return self._unbroadcasted_sigma.expand(self._batch_shape + self._event_shape + self._event_shape)
 
     @lazy_property
-    def precision_matrix(self):
+    def precision_matrix(self) -> Tensor:
         return self._unbroadcasted_sigma_inverse.expand(self._batch_shape + self._event_shape + self._event_shape)
 
     @property
-    def mean(self):
+    def mean(self) -> Tensor:
         return self.loc
 
     @property
-    def mode(self):
+    def mode(self) -> Tensor:
         return self.loc
 
     @property
-    def variance(self):
+    def variance(self) -> Tensor:
         if self._parametrization == "covariance_matrix":
             var = self._unbroadcasted_matrix.diagonal(dim1=-2, dim2=-1)
         else:
@@ -194,27 +243,47 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         return var.expand(self._batch_shape + self._event_shape)
 
     @quiet_under_jit_trace
-    def rsample(self, sample_shape=torch.Size()):
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
         shape = self._extended_shape(sample_shape)
         eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
-        g = Grouping(shape[:-1], self._factor.shape[:-2])
-        offset = g.ungroup(color(g.flat_matrix(self._factor), self._precision_factored, g.group(eps)))
-        # contiguous: a float32 triangular solve from the right (_linalg._left_solve) leaves its result column-major
-        return (self.loc + offset).contiguous()
+        noise = Residual(eps, self._factor)
+        # contiguous: a float32 triangular solve from the right (_factor._left_solve) leaves its result column-major
+        return (self.loc + noise.full(noise.factor.color(noise.r))).contiguous()
 
     @quiet_under_jit_trace
-    def log_prob(self, value):
+    def log_prob(self, value: Tensor) -> Tensor:
+        r"""The log-density of ``value``, shape ``broadcast_shapes(value.shape[:-1], batch_shape)``.
+
+        :math:`\log p(x) = -\frac12 \|z\|^2 - \frac12\log\det\Sigma - \frac d2 \log 2\pi` with
+        :math:`z = L^{-1}(x - \mu)`: one triangular solve with the factor (a matrix product with a precision
+        factor). Its autograd backward is the closed form (see :meth:`jacobian`), to first and second order, and it
+        works under ``torch.func`` transforms and ``torch.compile``.
+
+        ``value`` must be a tensor on the distribution's device whose last dimension is the event size and whose
+        batch broadcasts with ``batch_shape``, else ``ValueError``. With ``validate_args`` it must also be finite:
+        the error carries torch's "Expected value argument ... to be within the support" wording. A ``value`` of
+        another floating dtype is converted to the distribution's.
+        """
         value = self._check_value(value)
         covariance = self._unbroadcasted_matrix if self._parametrization == "covariance_matrix" else None
-        return _autograd.log_prob(value, self.loc, self._factor, self._precision_factored, covariance)
+        return _autograd.log_prob(value - self.loc, self._factor, covariance)
 
     @quiet_under_jit_trace
-    def entropy(self):
-        H = entropy_from_half_log_det(self._event_shape[0], half_log_det(self._factor, self._precision_factored))
-        return H.expand(self._batch_shape)
+    def entropy(self) -> Tensor:
+        return self._factor.entropy().expand(self._batch_shape)
+
+    # ----------------------------------------------------------------------------------------------
+    # Derivatives, information geometry and Gaussian algebra.
 
     @quiet_under_jit_trace
-    def jacobian(self, value, wrt="value", *, layout="full"):
+    def jacobian(
+        self,
+        value: Tensor,
+        wrt: str | tuple[str, ...] | list[str] = "value",
+        *,
+        layout: str = "full",
+        out: Outputs | None = None,
+    ) -> Outputs:
         r"""Per-sample derivatives of ``log_prob(value)``, in closed form from the one factorization.
 
         With :math:`r = x - \mu`, :math:`z = L^{-1} r`, :math:`\alpha = \Sigma^{-1} r`:
@@ -241,14 +310,23 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             ``S = broadcast_shapes(value.shape[:-1], batch_shape)``. Element ``[s]`` is the derivative of
             ``log_prob(value)[s]`` w.r.t. the parameter of its own batch member.
         """
-        names = _check_wrt(wrt)
-        _check_choice("layout", layout, LAYOUTS)
+        names = check_wrt(wrt)
+        check_choice("layout", layout, LAYOUTS)
         res = self._residual(value)
-        out = {name: self._per_sample(res, name, layout) for name in names}
-        return out if not isinstance(wrt, str) else out[wrt]
+        outs = self._check_out(out, wrt, names, res, layout)
+        result = {name: self._per_sample(res, name, layout, outs.get(name)) for name in names}
+        return result if not isinstance(wrt, str) else result[wrt]
 
     @quiet_under_jit_trace
-    def log_prob_and_grads(self, value, wrt=None, *, reduction="none", layout="full"):
+    def log_prob_and_grads(
+        self,
+        value: Tensor,
+        wrt: tuple[str, ...] | list[str] | None = None,
+        *,
+        reduction: str = "none",
+        layout: str = "full",
+        out: dict[str, Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         r"""``log_prob(value)`` and its derivatives in one pass: one factorization, shared intermediates, no
         autograd graph.
 
@@ -268,18 +346,21 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         """
         if wrt is None:
             wrt = ("value", "loc", self._parametrization)
-        names = _check_wrt(wrt)
-        _check_choice("layout", layout, LAYOUTS)
-        _check_choice("reduction", reduction, REDUCTIONS)
+        names = check_wrt(wrt)
+        check_choice("layout", layout, LAYOUTS)
+        check_choice("reduction", reduction, REDUCTIONS)
         res = self._residual(value)
         if reduction == "none":
-            grads = {name: self._per_sample(res, name, layout) for name in names}
+            outs = self._check_out(out, tuple(names), names, res, layout)
+            grads = {name: self._per_sample(res, name, layout, outs.get(name)) for name in names}
         else:
+            if out is not None:
+                raise ValueError("out= is for reduction='none'; the summed gradients have the inputs' own shapes")
             grads = {name: self._summed(res, name, layout, value) for name in names}
         return res.log_prob, grads
 
     @quiet_under_jit_trace
-    def hessian(self, value, wrt="value"):
+    def hessian(self, value: Tensor, wrt: str = "value") -> Tensor:
         r"""Per-sample Hessian of ``log_prob(value)`` w.r.t. ``value`` or ``loc``, without autograd.
 
         :math:`\log p` is quadratic in :math:`r = x - \mu`, so both Hessians are :math:`-P` for every point.
@@ -293,13 +374,13 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             Tensor: :math:`-P` as an expanded view of shape ``S + (d, d)``, where
             ``S = broadcast_shapes(value.shape[:-1], batch_shape)``.
         """
-        _check_choice("wrt", wrt, ("value", "loc"))
+        check_choice("wrt", wrt, ("value", "loc"))
         value = self._check_value(value)
-        shape = torch.broadcast_shapes(value.shape[:-1], self._batch_shape) + self._event_shape + self._event_shape
+        shape = broadcast_shapes(value.shape[:-1], self._batch_shape) + self._event_shape + self._event_shape
         return (-self._unbroadcasted_sigma_inverse).expand(shape)
 
     @quiet_under_jit_trace
-    def fisher_information(self, wrt="loc", *, layout="vech"):
+    def fisher_information(self, wrt: str = "loc", *, layout: str = "vech") -> Tensor:
         r"""The Fisher information matrix of each batch member, in closed form, in the coordinates of ``wrt``.
 
         It is the covariance of the per-sample score ``jacobian(x, wrt, layout="vech")`` under ``x ~ self`` and
@@ -325,25 +406,25 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             Tensor: shape ``batch_shape + (d, d)`` for ``"loc"`` and ``batch_shape + (k, k)``,
             ``k = d*(d+1)//2``, for a matrix (an expanded view of one matrix per member of the parameters' batch).
         """
-        _check_choice("wrt", wrt, WRT[1:])
-        _check_choice("layout", layout, LAYOUTS)
+        check_choice("wrt", wrt, WRT[1:])
+        check_choice("layout", layout, LAYOUTS)
         if wrt == "loc":
-            info = self._unbroadcasted_sigma_inverse
+            info = self._unbroadcasted_sigma_inverse.clone()  # a copy: the caller may damp it in place
         elif layout == "full":
             raise ValueError(
                 f"fisher_information(wrt={wrt!r}) needs layout='vech': in the full (d, d) layout the d^2 x d^2 "
                 f"Fisher matrix is singular (the matrix has only d*(d+1)/2 free entries)"
             )
         elif wrt == "covariance_matrix":
-            info = symmetric_fisher_vech(self._unbroadcasted_sigma_inverse)
+            info = _information.symmetric_fisher_vech(self._unbroadcasted_sigma_inverse)
         elif wrt == "precision_matrix":
-            info = symmetric_fisher_vech(self._unbroadcasted_sigma)
+            info = _information.symmetric_fisher_vech(self._unbroadcasted_sigma)
         else:
-            info = tril_fisher_vech(self._unbroadcasted_sigma_inverse, self._scale_diag_term())
+            info = _information.tril_fisher_vech(self._unbroadcasted_sigma_inverse, self._factor.inv_scale_diag())
         return info.expand(self._batch_shape + info.shape[-2:])
 
     @quiet_under_jit_trace
-    def natural_gradient(self, grads):
+    def natural_gradient(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
         r"""Natural gradients :math:`F^{-1} g` from Euclidean ones, in :math:`O(d^3)` per member, never forming
         :math:`F`.
 
@@ -377,7 +458,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
                 f"got {type(grads).__name__}{' (empty)' if isinstance(grads, dict) else ''}"
             )
         for name in grads:
-            _check_choice("each key of grads", name, allowed)
+            check_choice("each key of grads", name, allowed)
         matrices = [name for name in grads if name != "loc"]
         if len(matrices) > 1:
             raise ValueError(
@@ -389,23 +470,22 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         for name, g in grads.items():
             key = f"grads[{name!r}]"
             if name == "loc":
-                shape = check_event_tensor(key, g, event, self._batch_shape, self.loc.device)
-                grouping = Grouping(shape, self._factor.shape[:-2])
-                x = grouping.group(g.to(dtype))
-                x = sigma_matvec(grouping.flat_matrix(self._factor), self._precision_factored, x)
-                out[name] = grouping.ungroup(x)
+                check_event_tensor(key, g, event, self._batch_shape, self.loc.device)
+                shape = broadcast_shapes(g.shape[:-1], self._batch_shape)
+                x = Residual(g.to(dtype).expand(shape + event), self._factor)
+                out[name] = x.full(x.factor.sigma_matvec(x.r))
                 continue
             shape = check_event_tensor(key, g, event + event, self._batch_shape, self.loc.device)
             g = g.to(dtype)
             if name == "scale_tril":
-                nat = tril_natural_gradient(self._unbroadcasted_scale_tril, g)
+                nat = _information.tril_natural_gradient(self._unbroadcasted_scale_tril, g)
             else:
                 m = self._unbroadcasted_sigma if name == "covariance_matrix" else self._unbroadcasted_sigma_inverse
-                nat = 2.0 * symmetrize(m @ symmetrize(g) @ m)
+                nat = _information.symmetric_natural_gradient(m, g)
             out[name] = nat.expand(shape + event + event)
         return out
 
-    def marginal(self, dims):
+    def marginal(self, dims: Any) -> JacobianMVN:
         r"""The distribution of ``x[..., dims]``.
 
         Its mean is ``loc[..., dims]`` and its covariance :math:`\Sigma_{aa}` with :math:`a` = ``dims``. The result
@@ -427,35 +507,14 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
             JacobianMVN: batch shape ``batch_shape``, event shape ``(len(dims),)``; differentiable w.r.t. ``loc``
             and the matrix.
         """
-        d = self._event_shape[0]
-        a = event_dims(dims, d)
+        a = event_dims(dims, self._event_shape[0])
         if not a:
             raise ValueError("marginal(dims) needs at least one event index; dims is empty")
-        m = len(a)
-        loc = self._unbroadcasted_loc[..., a]
-        if a == list(range(m)):
-            block = self._factor[..., :m, :m]
-            if self._precision_factored:
-                name, matrix = "precision_matrix", block.mT @ block
-            else:
-                name, matrix = "scale_tril", block
-        elif self._precision_factored:
-            precision = self._unbroadcasted_matrix
-            b = [i for i in range(d) if i not in set(a)]
-            name, matrix = "precision_matrix", sub_block(precision, a, a)
-            if b:
-                c = cholesky(sub_block(precision, b, b), "precision_matrix")
-                w = torch.linalg.solve_triangular(c, sub_block(precision, b, a), upper=False)
-                matrix = symmetrize(matrix - w.mT @ w)
-        elif self._parametrization == "covariance_matrix":
-            name, matrix = "covariance_matrix", sub_block(self._unbroadcasted_matrix, a, a)
-        else:
-            rows = self._factor[..., a, :]
-            name, matrix = "covariance_matrix", rows @ rows.mT
+        loc, name, matrix = _conditioning.marginal(self, a)
         out = JacobianMVN(loc, **{name: matrix}, validate_args=self._validate_args)
         return out if out.batch_shape == self._batch_shape else out.expand(self._batch_shape)
 
-    def condition(self, dims, value):
+    def condition(self, dims: Any, value: Tensor) -> JacobianMVN:
         r"""The distribution of the remaining coordinates (in their original order) given ``x[..., dims] = value``.
 
         With :math:`b` = ``dims``, :math:`a` the rest and :math:`r_b = x_b - \mu_b`, the conditional is
@@ -486,8 +545,7 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         """
         d = self._event_shape[0]
         b = event_dims(dims, d)
-        a = [i for i in range(d) if i not in set(b)]
-        if not a:
+        if len(b) == d:
             raise ValueError(
                 f"condition(dims={list(dims)}) observes all {d} coordinates, which leaves no coordinate to condition"
             )
@@ -495,229 +553,126 @@ class JacobianMVN(MultivariateNormal, TorchDistributionMixin):
         shape = check_event_tensor(
             "value", value, torch.Size([m]), self._batch_shape, self.loc.device, what=f"len(dims) = {m}"
         )
-        if self._validate_args:
-            _check_finite("value", value)
+        if self._validate_args and not is_finite(value):
+            raise ValueError(f"value contains NaN or infinite entries:\n{value}")
         if not m:
             return self.expand(shape)
-        value = value.to(self.loc.dtype)
-        loc, factor, precision = self._unbroadcasted_loc, self._factor, self._precision_factored
-        g = Grouping(shape, factor.shape[:-2])
-        if sorted(b) == list(range(m)):
-            if b != sorted(b):
-                value = value[..., sorted(range(m), key=b.__getitem__)]  # now in coordinate order 0, ..., m-1
-            r = g.group(value - loc[..., :m])
-            cross, trailing = g.flat_matrix(factor[..., m:, :m]), factor[..., m:, m:]
-            if precision:
-                # -T_aa^{-1} T_ab r_b: one product and one triangular solve.
-                shift = -whiten(g.flat_matrix(trailing), False, r @ cross.mT)
-                name, matrix = "precision_matrix", self._unbroadcasted_matrix[..., m:, m:]
-            else:
-                shift = whiten(g.flat_matrix(factor[..., :m, :m]), False, r) @ cross.mT
-                name, matrix = "scale_tril", trailing
-        else:
-            r = g.group(value - loc[..., b])
-            if precision:
-                p = self._unbroadcasted_matrix
-                name, matrix = "precision_matrix", sub_block(p, a, a)
-                c = g.flat_matrix(cholesky(matrix, "precision_matrix"))
-                shift = -torch.cholesky_solve((r @ g.flat_matrix(sub_block(p, a, b)).mT).mT, c).mT
-            else:
-                sigma = self._unbroadcasted_sigma
-                c = cholesky(sub_block(sigma, b, b), "covariance_matrix")
-                w = torch.linalg.solve_triangular(c, sub_block(sigma, b, a), upper=False)
-                name, matrix = "covariance_matrix", symmetrize(sub_block(sigma, a, a) - w.mT @ w)
-                shift = whiten(g.flat_matrix(c), False, r) @ g.flat_matrix(w)
-        mean = (loc[..., a] + g.ungroup(shift)).contiguous()
-        return JacobianMVN(mean, **{name: matrix}, validate_args=self._validate_args)
+        loc, name, matrix = _conditioning.condition(self, b, value.to(self.loc.dtype), shape)
+        return JacobianMVN(loc, **{name: matrix}, validate_args=self._validate_args)
 
     # ----------------------------------------------------------------------------------------------
-    # Private helpers shared by the derivative methods.
+    # Private helpers.
 
-    def _check_value(self, value):
-        if not isinstance(value, torch.Tensor):
+    def _check_value(self, value: Tensor) -> Tensor:
+        if not isinstance(value, Tensor):
             raise ValueError(f"value must be a torch.Tensor, got {type(value).__name__}")
         if value.dim() < 1 or value.shape[-1:] != self._event_shape:
             raise ValueError(
                 f"value has shape {format_shape(value.shape)} but the distribution's event shape is "
                 f"{format_shape(self._event_shape)}: the last dimension of value must be {self._event_shape[0]}"
             )
-        try:
-            broadcast_shapes(value.shape[:-1], self._batch_shape)
-        except RuntimeError:
-            raise ValueError(
-                f"value has shape {format_shape(value.shape)}, which does not broadcast with the distribution's "
-                f"batch_shape + event_shape {format_shape(self._batch_shape + self._event_shape)}"
-            ) from None
+        if value.dim() - 1 < len(self._batch_shape) or value.shape[:-1] != self._batch_shape[-value.dim() + 1 :]:
+            try:
+                broadcast_shapes(value.shape[:-1], self._batch_shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"value has shape {format_shape(value.shape)}, which does not broadcast with the distribution's "
+                    f"batch_shape + event_shape {format_shape(self._batch_shape + self._event_shape)}"
+                ) from None
         check_device("value", value, self.loc.device)
-        if self._validate_args:
+        if self._validate_args and not is_finite(value):
             # The shape checks above and finiteness cover torch's _validate_sample (support real_vector: no NaN).
-            _check_finite("value", value)
+            raise ValueError(
+                f"Expected value argument (Tensor of shape {tuple(value.shape)}) to be within the support "
+                f"({self.support!r}) of the distribution {self!r}, but found invalid values: value contains NaN or "
+                f"infinite entries:\n{value}"
+            )
         if value.dtype != self.loc.dtype:
             value = value.to(self.loc.dtype)
         return value
 
-    def _residual(self, value):
-        return Residual(
-            self._check_value(value),
-            self.loc,
-            self._factor,
-            self._precision_factored,
-            # Sigma^{-1} for alpha only where the factor was itself computed (see _autograd.log_prob).
-            sigma_inverse=(
-                (lambda: self._unbroadcasted_sigma_inverse) if self._parametrization == "covariance_matrix" else None
-            ),
-        )
+    def _residual(self, value: Tensor) -> Residual:
+        # Sigma^{-1} for alpha only where the factor was itself computed (see _autograd.log_prob).
+        sigma_inverse = self._sigma_inverse_fn if self._parametrization == "covariance_matrix" else None
+        return Residual(self._check_value(value) - self.loc, self._factor, sigma_inverse)
 
-    def _per_sample(self, res, name, layout):
-        if name == "value":
-            return -self._full_alpha(res)
-        if name == "loc":
-            return self._full_alpha(res)
-        if layout == "full":
-            out = self._outer_term(res, name)
-            # Each step below is in place: the S + (d, d) result is the only tensor of that size.
-            if name == "scale_tril":
-                out.tril_()
-                out.diagonal(dim1=-2, dim2=-1).sub_(self._scale_diag_term())
-            else:
-                out.sub_(self._constant_term(name)).mul_(0.5)
-            return out
-        d = self._event_shape[0]
-        rows, cols = vech_indices(d, self.loc.device)
-        u, v = self._full_outer_factors(res, name)
-        out = u[..., rows] * v[..., cols]
-        if name == "scale_tril":
-            correction = self._scale_diag_term()[..., rows] * (rows == cols)
-            return out.sub_(correction)
-        weights = 0.5 * vech_weights(d, out.dtype, out.device)
-        return out.sub_(self._constant_term(name)[..., rows, cols]).mul_(weights)
+    def _sigma_inverse_fn(self) -> Tensor:
+        return self._unbroadcasted_sigma_inverse
 
-    @staticmethod
-    def _full_alpha(res):
-        """:math:`\alpha` of shape ``S + (d,)``, row-major as returned to users (a float32 triangular solve from the
-        right, see ``_linalg._left_solve``, leaves it column-major)."""
-        return res.full(res.alpha).contiguous()
-
-    def _outer_factors(self, res, name):
-        """Grouped ``(u, v)``, shape ``(b, c, d)``, with the sample-dependent term ``u v^T`` of the matrix gradient."""
-        if name == "covariance_matrix":
-            return res.alpha, res.alpha
-        if name == "precision_matrix":
-            return res.r, -res.r
-        return res.alpha, res.z
-
-    def _full_outer_factors(self, res, name):
-        """``(u, v)`` of shape ``S + (d,)``, row-major (a column-major ``u`` from a right triangular solve would
-        make the ``S + (d, d)`` outer product read it with a stride of ``S``)."""
-        u, v = self._outer_factors(res, name)
-        return res.full(u).contiguous(), res.full(v).contiguous()
-
-    def _outer_term(self, res, name):
-        u, v = self._full_outer_factors(res, name)
-        return u.unsqueeze(-1) * v.unsqueeze(-2)
-
-    def _constant_term(self, name):
-        """The sample-independent term of the symmetric matrix gradients (before the factor 1/2)."""
+    def _constant_term(self, name: str) -> Tensor:
+        """The sample-independent term of the derivative w.r.t. the matrix ``name``, in the factor's batch shape."""
         if name == "covariance_matrix":
             return self._unbroadcasted_sigma_inverse
-        return -self._unbroadcasted_sigma
+        if name == "precision_matrix":
+            return self._unbroadcasted_sigma
+        return self._factor.inv_scale_diag()
 
-    def _scale_diag_term(self):
-        """:math:`1 / L_{ii}`, shape ``factor_batch + (d,)``."""
-        return inv_scale_diag(self._factor, self._precision_factored)
+    def _result_shape(self, res: Residual, name: str, layout: str) -> torch.Size:
+        d = self._event_shape[0]
+        if name in ("value", "loc"):
+            return res.shape + (d,)
+        return res.shape + ((d * (d + 1) // 2,) if layout == "vech" else (d, d))
 
-    def _summed(self, res, name, layout, value):
+    def _check_out(self, out: Any, wrt: Any, names: tuple[str, ...], res: Residual, layout: str) -> dict[str, Tensor]:
+        if out is None:
+            return {}
+        if isinstance(wrt, str):
+            outs = {wrt: out}
+        elif isinstance(out, dict):
+            unknown = [key for key in out if key not in names]
+            if unknown:
+                raise ValueError(f"out has keys {unknown} that are not in wrt {list(names)}")
+            outs = dict(out)
+        else:
+            raise ValueError(f"out for several wrt must be a dict keyed by their names; got {type(out).__name__}")
+        for name, t in outs.items():
+            shape = self._result_shape(res, name, layout)
+            check_allocation(shape, res.r, f"the Jacobian w.r.t. {name}")
+            check_out(t, shape, res.r, f"the Jacobian w.r.t. {name}")
+        return outs
+
+    def _per_sample(self, res: Residual, name: str, layout: str, out: Tensor | None) -> Tensor:
+        if name in ("value", "loc"):
+            alpha = res.full(res.alpha)
+            if out is not None:
+                return torch.neg(alpha, out=out) if name == "value" else out.copy_(alpha)
+            return (-alpha).contiguous() if name == "value" else alpha.contiguous()
+        return per_sample_matrix(res, name, layout, self._constant_term(name), out)
+
+    def _summed(self, res: Residual, name: str, layout: str, value: Tensor) -> Tensor:
         if name == "value":
             # In the value's own dtype, as torch.autograd.grad returns it (the distribution computes in its own).
-            grad = (-self._full_alpha(res)).sum_to_size(value.shape)
-            return grad.to(value.dtype) if value.dtype.is_floating_point else grad
+            grad = (-res.full_alpha()).sum_to_size(value.shape)
+            return grad.to(value.dtype) if value.dtype != grad.dtype and value.dtype.is_floating_point else grad
         if name == "loc":
-            return self._full_alpha(res).sum_to_size(self._unbroadcasted_loc.shape)
-        # Sum over the samples that share one member of the target's batch shape: one GEMM each.
-        if name == self._parametrization:
-            batch_shape = self._unbroadcasted_matrix.shape[:-2]
-        else:
-            batch_shape = self._batch_shape
-        u, v = self._outer_factors(res, name)
-        if batch_shape == res.grouping.batch_shape:
-            g = res.grouping
-        else:
-            g = Grouping(res.shape, batch_shape)
-            u, v = g.group(res.full(u)), g.group(res.full(v))
-        count = g.c
-        out = u.mT @ v
-        if name == "scale_tril":
-            diag = inv_scale_diag(g.flat_matrix(self._factor), self._precision_factored)
-            out = out.tril() - count * torch.diag_embed(diag)
-        else:
-            out = 0.5 * (out - count * g.flat_matrix(self._constant_term(name)))
-        out = g.unflat_matrix(out)
-        if layout == "vech":
-            return vech(out, symmetric=name != "scale_tril")
-        return out
+            return res.full_alpha().sum_to_size(self._unbroadcasted_loc.shape)
+        # The gradient w.r.t. the tensor the user passed: the parametrization's own batch shape, else batch_shape.
+        batch_shape = self._unbroadcasted_matrix.shape[:-2] if name == self._parametrization else self._batch_shape
+        return summed_matrix(res, name, layout, self._constant_term(name), batch_shape)
 
-    def _validate_parameter(self, name, value, constraint):
-        if not _satisfies(constraint, value):
-            raise ValueError(
-                f"Expected parameter {name} (Tensor of shape {format_shape(value.shape)}) of distribution "
-                f"{type(self).__name__} to satisfy the constraint {constraint!r}, but found invalid values:\n{value}"
-            )
-
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(loc: {format_shape(self.loc.shape)}, "
             f"{self._parametrization}: {format_shape(self.loc.shape + self._event_shape)})"
         )
 
 
-def _check_parameters(loc, covariance_matrix, precision_matrix, scale_tril):
-    given = {
-        name: m
-        for name, m in zip(PARAMETRIZATIONS, (covariance_matrix, precision_matrix, scale_tril))
-        if m is not None
-    }
-    if len(given) != 1:
-        got = " and ".join(given) if given else "none"
-        raise ValueError(
-            f"Exactly one of covariance_matrix, precision_matrix or scale_tril must be given; got {got}"
-        )
-    ((name, matrix),) = given.items()
-    for arg, t in (("loc", loc), (name, matrix)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"{arg} has dtype {t.dtype}, but JacobianMVN needs floating-point tensors")
-    if loc.dim() < 1:
-        raise ValueError("loc must be at least one-dimensional, with its event dimension last; got a 0-d tensor")
-    if matrix.dim() < 2 or matrix.shape[-1] != matrix.shape[-2]:
-        raise ValueError(
-            f"{name} must be a square matrix (with optional leading batch dimensions), "
-            f"but has shape {format_shape(matrix.shape)}"
-        )
-    if matrix.shape[-1] != loc.shape[-1]:
-        raise ValueError(
-            f"loc has shape {format_shape(loc.shape)} but {name} has shape {format_shape(matrix.shape)}: "
-            f"their event sizes {loc.shape[-1]} and {matrix.shape[-1]} differ"
-        )
-    try:
-        broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
-    except RuntimeError:
-        raise ValueError(
-            f"loc has shape {format_shape(loc.shape)} and {name} has shape {format_shape(matrix.shape)}: "
-            f"their batch shapes {format_shape(loc.shape[:-1])} and {format_shape(matrix.shape[:-2])} "
-            f"do not broadcast"
-        ) from None
-    if loc.dtype != matrix.dtype:
-        raise ValueError(
-            f"loc has dtype {loc.dtype} but {name} has dtype {matrix.dtype}; pass both in one dtype "
-            f"(e.g. loc.to({name}.dtype))"
-        )
-    if loc.device != matrix.device:
-        raise ValueError(f"loc is on device {loc.device} but {name} is on device {matrix.device}")
-    return name, matrix
+_CACHED = ("_unbroadcasted_scale_tril", "_unbroadcasted_sigma", "_unbroadcasted_sigma_inverse", "_symmetric_matrix")
 
 
-def _satisfies(constraint, value):
+def _eye_like(matrix: Tensor) -> Tensor:
+    return torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device).expand_as(matrix)
+
+
+def _validate_parameter(name: str, value: Tensor, constraint: constraints.Constraint) -> None:
+    if not _satisfies(constraint, value):
+        raise ValueError(
+            f"Expected parameter {name} (Tensor of shape {format_shape(value.shape)}) of distribution "
+            f"JacobianMVN to satisfy the constraint {constraint!r}, but found invalid values:\n{value}"
+        )
+
+
+def _satisfies(constraint: constraints.Constraint, value: Tensor) -> bool:
     """``constraint.check(value).all()``, with the same verdict (NaN fails) in 2-3x fewer operations for the
     constraints checked at every construction."""
     if constraint is constraints.lower_cholesky:
@@ -725,24 +680,3 @@ def _satisfies(constraint, value):
     if constraint is constraints.real_vector:
         return all_true(value == value)
     return all_true(constraint.check(value))
-
-
-def _check_finite(name, value):
-    # One reduction first: a sum is finite when every entry is (barring overflow, which the elementwise check then
-    # clears), at a fraction of the cost of the elementwise check on every call.
-    if not all_true(torch.isfinite(value.sum())) and not all_true(torch.isfinite(value)):
-        raise ValueError(f"{name} contains NaN or infinite entries:\n{value}")
-
-
-def _check_choice(arg, value, allowed):
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{arg} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-
-
-def _check_wrt(wrt):
-    names = (wrt,) if isinstance(wrt, str) else wrt
-    if not isinstance(names, (tuple, list)) or not names:
-        raise ValueError(f"wrt must be one of {', '.join(map(repr, WRT))} or a tuple/list of them; got {wrt!r}")
-    for name in names:
-        _check_choice("wrt", name, WRT)
-    return tuple(names)

@@ -30,51 +30,51 @@ Every rule is differentiable, broadcasts ``p``'s batch shape against ``q``'s, an
 dynamo cannot trace, for any registration; once a pair has been called eagerly the lookup is memoized.)
 """
 
+from __future__ import annotations
+
 import torch
 from pyro.distributions.kl import _kl_independent_mvn
+from torch import Tensor
 from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal, Normal, register_kl
 
-from ._linalg import Grouping, format_shape, half_log_det, quiet_under_jit_trace, whiten
+from ._checks import quiet_under_jit_trace
+from ._factor import CholeskyFactor, TriangularFactor
+from ._shapes import Grouping, format_shape
 from .jacobian_mvn import JacobianMVN
 
 __all__ = []
 
 
 class _TrilView:
-    r"""A Gaussian held through one lower-triangular factor: ``L`` (:math:`\Sigma = L L^\top`) or, for a
-    precision-factored :class:`JacobianMVN`, ``T = L^{-1}`` (:math:`P = T^\top T`)."""
+    r"""A Gaussian held through its triangular factor (:mod:`torch_mvn_ext._factor`): ``L`` with
+    :math:`\Sigma = L L^\top` or, for a precision-factored :class:`JacobianMVN`, ``T = L^{-1}`` with
+    :math:`P = T^\top T`."""
 
-    def __init__(self, dist, factor, precision):
+    def __init__(self, dist: MultivariateNormal, factor: TriangularFactor) -> None:
         self.dist = dist
         self.loc = dist.loc
         self.factor = factor
-        self.precision = precision
         self.diagonal = None
 
     @property
-    def half_log_det(self):
-        return half_log_det(self.factor, self.precision)
+    def half_log_det(self) -> Tensor:
+        return self.factor.half_log_det()
 
     @property
-    def rows(self):
+    def rows(self) -> Tensor:
         # Sigma = L L^T = R^T R with R = L^T; a precision factor gives L = T^{-1}, one triangular solve per
         # factor member, cached on the distribution.
-        if self.precision:
+        if self.factor.is_precision:
             return self.dist._unbroadcasted_scale_tril.mT
-        return self.factor.mT
+        return self.factor.tensor.mT
 
-    def quad(self, x):
+    def quad(self, x: Tensor) -> Tensor:
         r""":math:`\sum_i x_i^\top \Sigma^{-1} x_i = \sum_i \|L^{-1} x_i\|^2`: a triangular solve with ``L`` or a
         matmul with ``T``."""
-        return _whitened_sq_norm(self.factor, self.precision, x)
+        return _whitened_sq_norm(self.factor, x)
 
-    def precision_diagonal(self):
-        if self.precision:
-            # diag(T^T T): the squared column norms of T.
-            return self.factor.pow(2).sum(-2)
-        # diag(L^{-T} L^{-1})_i = ||L^{-1} e_i||^2.
-        eye = torch.eye(self.factor.shape[-1], dtype=self.factor.dtype, device=self.factor.device)
-        return whiten(self.factor, False, eye).pow(2).sum(-1)
+    def precision_diagonal(self) -> Tensor:
+        return self.factor.precision_diagonal()
 
 
 class _LowRankView:
@@ -85,12 +85,12 @@ class _LowRankView:
         self.loc = dist.loc
         self.cov_factor = dist._unbroadcasted_cov_factor
         self.diagonal = dist._unbroadcasted_cov_diag
-        self.capacitance_tril = dist._capacitance_tril
+        self.capacitance = CholeskyFactor(dist._capacitance_tril)
 
     @property
-    def half_log_det(self):
+    def half_log_det(self) -> Tensor:
         # Matrix determinant lemma: log det Sigma = log det C C^T + log det D.
-        return half_log_det(self.capacitance_tril, False) + 0.5 * self.diagonal.log().sum(-1)
+        return self.capacitance.half_log_det() + 0.5 * self.diagonal.log().sum(-1)
 
     @property
     def rows(self):
@@ -100,10 +100,10 @@ class _LowRankView:
         r"""Woodbury: :math:`\Sigma^{-1} = D^{-1} - D^{-1} W (C C^\top)^{-1} W^\top D^{-1}`, so the quadratic form is
         :math:`\sum_i \|D^{-1/2} x_i\|^2 - \|C^{-1} W^\top D^{-1} x_i\|^2`."""
         y = x / self.diagonal.unsqueeze(-2)
-        return (x * y).sum((-2, -1)) - _whitened_sq_norm(self.capacitance_tril, False, y @ self.cov_factor)
+        return (x * y).sum((-2, -1)) - _whitened_sq_norm(self.capacitance, y @ self.cov_factor)
 
-    def precision_diagonal(self):
-        a = whiten(self.capacitance_tril, False, self.cov_factor / self.diagonal.unsqueeze(-1))
+    def precision_diagonal(self) -> Tensor:
+        a = self.capacitance.whiten(self.cov_factor / self.diagonal.unsqueeze(-1))
         return self.diagonal.reciprocal() - a.pow(2).sum(-1)
 
 
@@ -130,22 +130,22 @@ class _DiagonalView:
         return self.scale.pow(-2)
 
 
-def _whitened_sq_norm(factor, precision, x):
+def _whitened_sq_norm(factor: TriangularFactor, x: Tensor) -> Tensor:
     r""":math:`\sum_i \|L^{-1} x_i\|^2` over the rows :math:`x_i` of ``x``.
 
-    ``x`` has shape ``B + (m, d)`` and ``factor`` shape ``F + (d, d)`` with ``F`` broadcasting to ``B``; the result
-    has shape ``B``. Grouped so that each factor member meets all of its rows in one batched BLAS-3 call.
+    ``x`` has shape ``B + (m, d)`` and the factor batch shape ``F`` broadcasting to ``B``; the result has shape
+    ``B``. Grouped so that each factor member meets all of its rows in one batched BLAS-3 call.
     """
-    g = Grouping(x.shape[:-1], factor.shape[:-2] + (1,))
-    z = whiten(g.flat_matrix(factor.unsqueeze(-3)), precision, g.group(x))
+    g = Grouping(x.shape[:-1], factor.batch_shape + (1,))
+    z = type(factor)(g.flat_matrix(factor.tensor.unsqueeze(-3))).whiten(g.group(x))
     return g.ungroup(z.pow(2).sum(-1, keepdim=True)).sum((-2, -1))
 
 
 def _view(dist):
     if isinstance(dist, JacobianMVN):
-        return _TrilView(dist, dist._factor, dist._precision_factored)
+        return _TrilView(dist, dist._factor)
     if isinstance(dist, MultivariateNormal):
-        return _TrilView(dist, dist._unbroadcasted_scale_tril, False)
+        return _TrilView(dist, CholeskyFactor(dist._unbroadcasted_scale_tril))
     if isinstance(dist, LowRankMultivariateNormal):
         return _LowRankView(dist)
     return _DiagonalView(dist)

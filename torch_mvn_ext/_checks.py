@@ -1,0 +1,216 @@
+r"""Argument checks: an error that names what is wrong, at a cost that fits every call.
+
+Value checks read data, so each is one fused reduction and one read-back, and none runs unless ``validate_args``
+asks for it; shape, dtype and device checks are pure Python. Under ``torch.func`` transforms and
+``torch.jit.trace`` the checks use the mechanisms torch's own distributions use there.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import torch
+from torch import Tensor
+
+from ._shapes import broadcast_shapes, format_shape
+
+PARAMETRIZATIONS = ("covariance_matrix", "precision_matrix", "scale_tril")
+WRT = ("value", "loc") + PARAMETRIZATIONS
+LAYOUTS = ("full", "vech")
+REDUCTIONS = ("none", "sum")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Private torch APIs, each with a fallback. ``torch._C._are_functorch_transforms_active`` (torch >= 2.0) tells
+# whether a torch.func transform is running; torch has no public equivalent. ``torch._is_all_true`` (torch >= 2.1)
+# is ``Tensor.all`` with a vmap batching rule that holds when every batch member holds; torch's own distributions
+# check their arguments with it.
+_transforms_active: Callable[[], bool] = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_is_all_true: Callable[[Tensor], Tensor] = getattr(torch, "_is_all_true", torch.all)
+
+
+def quiet_under_jit_trace(method: F) -> F:
+    """Runs ``method`` (of a distribution, or a function of distributions) with ``torch.jit.TracerWarning`` silenced
+    while ``torch.jit.trace`` records it (Pyro's ``JitTrace_ELBO``, ``HMC``/``NUTS`` with ``jit_compile=True``).
+
+    Under a trace, sizes are tensors, and each Python comparison of them (broadcasting, grouping samples, argument
+    shapes) warns that the trace keeps its outcome as a constant: those branches depend on shapes only, which a
+    trace fixes anyway, as torch's own ``MultivariateNormal`` assumes. The value checks of ``validate_args`` run
+    while the trace records, and raise then, as torch's do; the traced function does not repeat them. Methods that
+    read indices from data (``marginal``, ``condition``) are not wrapped: a trace keeps those values, and says so.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not torch.jit.is_tracing():
+            return method(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return method(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def all_true(condition: Tensor) -> bool:
+    """``bool(condition.all())`` for a boolean tensor, also inside ``torch.func`` transforms: under ``vmap`` it holds
+    when it holds for every batch member."""
+    if _transforms_active():
+        return bool(_is_all_true(condition))
+    return bool(condition) if condition.dim() == 0 else bool(condition.all())
+
+
+def all_equal(a: Tensor, b: Tensor) -> bool:
+    """``torch.equal(a, b)`` for two tensors of one shape (one fused comparison), also inside ``torch.func``
+    transforms, which have no batching rule for it."""
+    if _transforms_active():
+        return all_true(a == b)
+    return torch.equal(a, b)
+
+
+def check_choice(arg: str, value: object, allowed: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{arg} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def check_wrt(wrt: object) -> tuple[str, ...]:
+    names = (wrt,) if isinstance(wrt, str) else wrt
+    if not isinstance(names, (tuple, list)) or not names:
+        raise ValueError(f"wrt must be one of {', '.join(map(repr, WRT))} or a tuple/list of them; got {wrt!r}")
+    for name in names:
+        check_choice("wrt", name, WRT)
+    return tuple(names)
+
+
+def check_device(name: str, t: Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on device {t.device} but the distribution is on device {device}")
+
+
+def check_parameters(
+    loc: object, covariance_matrix: object, precision_matrix: object, scale_tril: object
+) -> tuple[str, Tensor]:
+    """The name and tensor of the one matrix argument given, after checking every structural requirement."""
+    given = {
+        name: m
+        for name, m in zip(PARAMETRIZATIONS, (covariance_matrix, precision_matrix, scale_tril))
+        if m is not None
+    }
+    if len(given) != 1:
+        got = " and ".join(given) if given else "none"
+        raise ValueError(f"Exactly one of covariance_matrix, precision_matrix or scale_tril must be given; got {got}")
+    ((name, matrix),) = given.items()
+    for arg, t in (("loc", loc), (name, matrix)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{arg} has dtype {t.dtype}, but JacobianMVN needs floating-point tensors")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"{arg} has dtype {t.dtype}, but JacobianMVN works in float32 or float64 (torch's Cholesky "
+                f"factorization and triangular solves do not support {t.dtype}); convert with .float()"
+            )
+    loc, matrix = cast(Tensor, loc), cast(Tensor, matrix)
+    if loc.dim() < 1:
+        raise ValueError("loc must be at least one-dimensional, with its event dimension last; got a 0-d tensor")
+    if matrix.dim() < 2 or matrix.shape[-1] != matrix.shape[-2]:
+        raise ValueError(
+            f"{name} must be a square matrix (with optional leading batch dimensions), "
+            f"but has shape {format_shape(matrix.shape)}"
+        )
+    if matrix.shape[-1] != loc.shape[-1]:
+        raise ValueError(
+            f"loc has shape {format_shape(loc.shape)} but {name} has shape {format_shape(matrix.shape)}: "
+            f"their event sizes {loc.shape[-1]} and {matrix.shape[-1]} differ"
+        )
+    try:
+        broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"loc has shape {format_shape(loc.shape)} and {name} has shape {format_shape(matrix.shape)}: "
+            f"their batch shapes {format_shape(loc.shape[:-1])} and {format_shape(matrix.shape[:-2])} "
+            f"do not broadcast"
+        ) from None
+    if loc.dtype != matrix.dtype:
+        raise ValueError(
+            f"loc has dtype {loc.dtype} but {name} has dtype {matrix.dtype}; pass both in one dtype "
+            f"(e.g. loc.to({name}.dtype))"
+        )
+    if loc.device != matrix.device:
+        raise ValueError(f"loc is on device {loc.device} but {name} is on device {matrix.device}")
+    return name, matrix
+
+
+def check_event_tensor(
+    name: str,
+    t: object,
+    event_shape: torch.Size,
+    batch_shape: torch.Size,
+    device: torch.device,
+    what: str = "the distribution's event shape",
+) -> torch.Size:
+    """Checks that ``t`` is a tensor on ``device`` (the distribution's) ending in ``event_shape`` (``what``) whose
+    batch broadcasts with ``batch_shape``; returns the broadcast batch shape."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_device(name, t, device)
+    n = len(event_shape)
+    if t.dim() < n or t.shape[t.dim() - n :] != event_shape:
+        raise ValueError(
+            f"{name} has shape {format_shape(t.shape)} but must end in {format_shape(event_shape)} ({what})"
+        )
+    try:
+        return broadcast_shapes(t.shape[: t.dim() - n], batch_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} has shape {format_shape(t.shape)}, whose batch shape {format_shape(t.shape[: t.dim() - n])} "
+            f"does not broadcast with the distribution's batch_shape {format_shape(batch_shape)}"
+        ) from None
+
+
+def is_finite(value: Tensor) -> bool:
+    """Whether every entry is finite: one reduction and one read-back first (a sum is finite when every entry is,
+    barring overflow, which the elementwise check then clears)."""
+    return all_true(torch.isfinite(value.sum())) or all_true(torch.isfinite(value))
+
+
+def check_finite(name: str, value: Tensor) -> None:
+    if not is_finite(value):
+        raise ValueError(f"{name} contains NaN or infinite entries:\n{value}")
+
+
+def check_out(out: object, shape: torch.Size, like: Tensor, what: str) -> Tensor:
+    """``out=`` as torch's ``out=`` arguments take it, but strict: a tensor of exactly the result's shape, dtype and
+    device (nothing is resized); ``ValueError`` naming what was expected otherwise."""
+    if not isinstance(out, Tensor):
+        raise ValueError(f"out for {what} must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(
+            f"out for {what} must have shape {format_shape(shape)}, dtype {like.dtype} and device {like.device}; "
+            f"got shape {format_shape(out.shape)}, dtype {out.dtype} and device {out.device}"
+        )
+    if out.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"out for {what} requires grad: pass a tensor that does not, as torch's out= arguments need")
+    return out
+
+
+def check_allocation(shape: Sequence[int], like: Tensor, what: str) -> None:
+    """A ``ValueError`` before allocating a tensor of ``shape`` (in ``like``'s dtype, on its device) that is larger
+    than the device's memory, so that the caller gets an error instead of an allocation that cannot succeed (or a
+    process killed for memory)."""
+    nbytes = math.prod(shape) * like.element_size()
+    if like.device.type == "cuda":
+        total = torch.cuda.get_device_properties(like.device).total_memory
+    elif like.device.type == "cpu" and hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return
+    if nbytes > total:
+        raise ValueError(
+            f"{what} has shape {format_shape(shape)} ({nbytes / 2**30:.1f} GiB in {like.dtype}), more than the "
+            f"{total / 2**30:.1f} GiB of memory of device {like.device}"
+        )

@@ -1,0 +1,285 @@
+r"""The triangular factor every method of :class:`~torch_mvn_ext.JacobianMVN` computes with.
+
+A Gaussian is held through one lower-triangular matrix, of one of two kinds with one interface:
+
+* :class:`CholeskyFactor` ``L`` with :math:`\Sigma = L L^\top` (``covariance_matrix`` and ``scale_tril``
+  parametrizations);
+* :class:`PrecisionFactor` ``T = L^{-1}`` with :math:`P = T^\top T`, found from a Cholesky factorization of the
+  precision with its rows and columns reversed, so that no inverse is ever formed.
+
+Both whiten to the same :math:`z = L^{-1} r`, so every formula elsewhere is written once in terms of :math:`z` and
+:math:`\alpha = \Sigma^{-1} r = L^{-\top} z`; only the operations below know which matrix is held. Each takes
+row vectors ``x`` of shape ``(..., c, d)`` whose batch broadcasts with the factor's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._shapes import Grouping
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class NotPositiveDefiniteError(torch.linalg.LinAlgError, ValueError):
+    """A matrix argument is not positive definite: a ``ValueError`` naming the argument, as for every bad argument,
+    and the ``torch.linalg.LinAlgError`` that torch's ``MultivariateNormal`` raises unvalidated, so code that retries a
+    factorization with jitter catches it as before."""
+
+
+def cholesky(matrix: Tensor, name: str) -> Tensor:
+    r"""Lower Cholesky factor of ``matrix``, with an error that names the argument if it is not positive definite."""
+    try:
+        return torch.linalg.cholesky(matrix)
+    except RuntimeError as e:  # torch.linalg.LinAlgError is a RuntimeError
+        if "positive-definite" not in str(e):
+            raise
+        raise NotPositiveDefiniteError(
+            f"{name} is not positive definite (its Cholesky factorization failed: {e}). "
+            f"Check that it is symmetric with strictly positive eigenvalues."
+        ) from e
+
+
+class TriangularFactor:
+    """A lower-triangular ``tensor`` of shape ``B + (d, d)`` and the operations with it (see the module docstring)."""
+
+    __slots__ = ("tensor",)
+    is_precision = False
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.tensor.shape[:-2]
+
+    def flat(self, grouping: Grouping) -> TriangularFactor:
+        """The same factor laid out as ``(b, d, d)`` for ``grouping`` (see :class:`~torch_mvn_ext._shapes.Grouping`)."""
+        return type(self)(grouping.flat_matrix(self.tensor))
+
+    def diagonal(self) -> Tensor:
+        return self.tensor.diagonal(dim1=-2, dim2=-1)
+
+    def log_norm(self) -> Tensor:
+        r""":math:`-\frac d2 \log 2\pi - \frac12\log\det\Sigma`, the log-density at the mean."""
+        return -0.5 * self.tensor.shape[-1] * _LOG_2PI - self.half_log_det()
+
+    def entropy(self) -> Tensor:
+        return 0.5 * self.tensor.shape[-1] * (1.0 + _LOG_2PI) + self.half_log_det()
+
+    def half_log_det(self) -> Tensor:
+        r""":math:`\frac12 \log\det\Sigma`, shape ``B``."""
+        raise NotImplementedError
+
+    def whiten(self, x: Tensor) -> Tensor:
+        r""":math:`z = L^{-1} x`."""
+        raise NotImplementedError
+
+    def alpha(self, z: Tensor) -> Tensor:
+        r""":math:`L^{-\top} z`, so :math:`\alpha = \Sigma^{-1} r` from :math:`z = L^{-1} r`."""
+        raise NotImplementedError
+
+    def color(self, eps: Tensor) -> Tensor:
+        r""":math:`L \epsilon`: white noise to a sample offset."""
+        raise NotImplementedError
+
+    def sigma_matvec(self, x: Tensor) -> Tensor:
+        r""":math:`\Sigma x`."""
+        raise NotImplementedError
+
+    def inv_scale_diag(self) -> Tensor:
+        r"""The diagonal of :math:`L^{-1}`, i.e. :math:`1 / L_{ii}`, shape ``B + (d,)``."""
+        raise NotImplementedError
+
+    def scale_tril(self) -> Tensor:
+        r""":math:`L`."""
+        raise NotImplementedError
+
+    def precision_matrix(self) -> Tensor:
+        r""":math:`\Sigma^{-1}`."""
+        raise NotImplementedError
+
+    def precision_diagonal(self) -> Tensor:
+        r"""The diagonal of :math:`\Sigma^{-1}`, shape ``B + (d,)``."""
+        raise NotImplementedError
+
+    def gradient(self, u: Tensor, v: Tensor, count: Tensor) -> Tensor:
+        r"""The gradient of :math:`\sum_s g_s \log p(x_s)` w.r.t. ``tensor``, from the sums over samples
+        :math:`u^\top v` of :meth:`gradient_terms` and ``count`` :math:`= \sum_s g_s` (shape ``B + (1,)``)."""
+        raise NotImplementedError
+
+    def gradient_terms(self, weights: Tensor, weighted_alpha: Tensor, z: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+        """The per-sample row vectors ``(u, v)`` whose outer products :meth:`gradient` sums, ``u`` weighted by
+        :math:`g_s` (``weighted_alpha`` is :math:`g_s \alpha_s`)."""
+        raise NotImplementedError
+
+    def jvp(self, tangent: Tensor, alpha: Tensor, z: Tensor, r: Tensor) -> Tensor:
+        r"""The directional derivative of :math:`\log p` along ``tangent`` of ``tensor``, one per sample."""
+        raise NotImplementedError
+
+    def _trace_over_diagonal(self, tangent: Tensor) -> Tensor:
+        return (tangent.diagonal(dim1=-2, dim2=-1) / self.diagonal()).sum(-1).unsqueeze(-1)
+
+
+class CholeskyFactor(TriangularFactor):
+    r"""``L`` with :math:`\Sigma = L L^\top`."""
+
+    __slots__ = ()
+
+    def half_log_det(self) -> Tensor:
+        # log|L_ii|: an unvalidated scale_tril with a negative diagonal entry still factors Sigma = L L^T (and rsample
+        # draws from it), so its log-density is finite, not NaN; 1/L_ii, the derivative, is what the gradients use.
+        return self.diagonal().abs().log().sum(-1)
+
+    def whiten(self, x: Tensor) -> Tensor:
+        return _left_solve(self.tensor, x, upper=False)
+
+    def alpha(self, z: Tensor) -> Tensor:
+        return _left_solve(self.tensor.mT, z, upper=True)
+
+    def color(self, eps: Tensor) -> Tensor:
+        return eps @ self.tensor.mT
+
+    def sigma_matvec(self, x: Tensor) -> Tensor:
+        return (x @ self.tensor) @ self.tensor.mT
+
+    def inv_scale_diag(self) -> Tensor:
+        return self.diagonal().reciprocal()
+
+    def scale_tril(self) -> Tensor:
+        return self.tensor
+
+    def precision_matrix(self) -> Tensor:
+        tensor = self.tensor
+        if tensor.device.type == "cpu":
+            # tril: cholesky_inverse reads only the lower triangle but its backward fills the upper one too.
+            return torch.cholesky_inverse(tensor.tril() if tensor.requires_grad else tensor)
+        # Elsewhere cholesky_inverse reads its error codes back to the host; two triangular products do not.
+        w = self.whiten(torch.eye(tensor.shape[-1], dtype=tensor.dtype, device=tensor.device))
+        return w.mT @ w
+
+    def precision_diagonal(self) -> Tensor:
+        # diag(L^{-T} L^{-1})_i = ||L^{-1} e_i||^2.
+        eye = torch.eye(self.tensor.shape[-1], dtype=self.tensor.dtype, device=self.tensor.device)
+        return self.whiten(eye).pow(2).sum(-1)
+
+    def gradient(self, u: Tensor, v: Tensor, count: Tensor) -> Tensor:
+        # d log p / dL = tril(alpha z^T) - diag(1 / L_ii)
+        return torch.tril(u.mT @ v) - torch.diag_embed(count * self.inv_scale_diag())
+
+    def gradient_terms(self, weights: Tensor, weighted_alpha: Tensor, z: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+        return weighted_alpha, z
+
+    def jvp(self, tangent: Tensor, alpha: Tensor, z: Tensor, r: Tensor) -> Tensor:
+        return ((z @ tangent.mT) * alpha).sum(-1) - self._trace_over_diagonal(tangent)
+
+
+class PrecisionFactor(TriangularFactor):
+    r"""``T = L^{-1}`` with :math:`P = T^\top T`."""
+
+    __slots__ = ()
+    is_precision = True
+
+    @classmethod
+    def of(cls, precision_matrix: Tensor) -> PrecisionFactor:
+        r"""The factor of ``precision_matrix``: reversing rows and columns turns the lower Cholesky factor of the
+        reversed matrix into an upper factor of :math:`P` (the trick torch's ``_precision_to_scale_tril`` uses),
+        without inverting."""
+        flipped = cholesky(precision_matrix.flip((-2, -1)), "precision_matrix")
+        return cls(flipped.flip((-2, -1)).mT)
+
+    def half_log_det(self) -> Tensor:
+        return -self.diagonal().abs().log().sum(-1)
+
+    def whiten(self, x: Tensor) -> Tensor:
+        return x @ self.tensor.mT
+
+    def alpha(self, z: Tensor) -> Tensor:
+        return z @ self.tensor
+
+    def color(self, eps: Tensor) -> Tensor:
+        return _left_solve(self.tensor, eps, upper=False)
+
+    def sigma_matvec(self, x: Tensor) -> Tensor:
+        # Two triangular solves: Sigma = T^{-1} T^{-T} is never formed.
+        y = torch.linalg.solve_triangular(self.tensor.mT, x.mT, upper=True)
+        return torch.linalg.solve_triangular(self.tensor, y, upper=False).mT
+
+    def inv_scale_diag(self) -> Tensor:
+        return self.diagonal()
+
+    def scale_tril(self) -> Tensor:
+        eye = torch.eye(self.tensor.shape[-1], dtype=self.tensor.dtype, device=self.tensor.device)
+        return torch.linalg.solve_triangular(self.tensor, eye.expand_as(self.tensor), upper=False)
+
+    def precision_matrix(self) -> Tensor:
+        return self.tensor.mT @ self.tensor
+
+    def precision_diagonal(self) -> Tensor:
+        # diag(T^T T): the squared column norms of T.
+        return self.tensor.pow(2).sum(-2)
+
+    def gradient(self, u: Tensor, v: Tensor, count: Tensor) -> Tensor:
+        # d log p / dT = -tril(z r^T) + diag(1 / T_ii)
+        return torch.diag_embed(count / self.diagonal()) - torch.tril(u.mT @ v)
+
+    def gradient_terms(self, weights: Tensor, weighted_alpha: Tensor, z: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+        return weights * z, r
+
+    def jvp(self, tangent: Tensor, alpha: Tensor, z: Tensor, r: Tensor) -> Tensor:
+        return self._trace_over_diagonal(tangent) - ((r @ tangent.mT) * z).sum(-1)
+
+
+def factor_of(name: str, matrix: Tensor) -> TriangularFactor:
+    """The factor of a parametrization's matrix: the matrix itself for ``scale_tril``, else one factorization."""
+    if name == "scale_tril":
+        return CholeskyFactor(matrix)
+    if name == "covariance_matrix":
+        return CholeskyFactor(cholesky(matrix, name))
+    return PrecisionFactor.of(matrix)
+
+
+def _left_solve(a: Tensor, x: Tensor, upper: bool) -> Tensor:
+    r""":math:`(A^{-1} x^\top)^\top` for row-major ``x`` of shape ``(..., c, d)``: row-major again, except on the
+    right-solve route below, whose result is column-major (callers that return it to users make it contiguous).
+
+    ``solve_triangular(A, x^T)`` hands LAPACK ``x^T``, which is column-major when ``x`` is row-major: its one
+    copy into the output is a plain memory copy, and the result's transpose is row-major. Measured with torch
+    2.13's CPU build (MKL, 1 thread) on an Intel CPU: the right solve ``X A^T = x`` on row-major ``x`` costs a
+    transposing copy in and (to return row-major) another out, which made two solves 1.3x (d = 64, c = 1024) to
+    2.7x (d = 64, c = 16384) slower than this in float32 and float64 alike. On an AMD EPYC CPU, where MKL takes
+    other kernels, the same right solve is instead 1.7-2.3x faster than this in float32 (about even in float64),
+    so float32 on such CPUs takes it (``benchmarks/solves.py`` measures both on the machine at hand) up to
+    ``d = 128``, where its errors stay within 0.8-1.5x of the left solve's; beyond, they grow with ``d`` (1.5x at
+    256, 2.2x at 512, 2.8x at 1024, ``benchmarks/accuracy.py``), so larger factors keep the left solve.
+    """
+    if (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.shape[-1] <= _RIGHT_SOLVE_MAX_D
+        and _RIGHT_SOLVE_IS_FASTER
+    ):
+        return torch.linalg.solve_triangular(a.mT, x, upper=not upper, left=False)
+    return torch.linalg.solve_triangular(a, x.mT, upper=upper).mT
+
+
+def cpuinfo(field: str) -> str:
+    """The first ``field`` of ``/proc/cpuinfo`` (e.g. ``vendor_id``: ``GenuineIntel``, ``AuthenticAMD``; ``model
+    name``), or ``""`` where the OS does not tell it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+_RIGHT_SOLVE_MAX_D = 128
+# Whether the CPU's BLAS runs row-major float32 triangular solves faster from the right: MKL on AMD CPUs. Read once
+# at import, a constant to torch.compile.
+_RIGHT_SOLVE_IS_FASTER = torch.backends.mkl.is_available() and cpuinfo("vendor_id") == "AuthenticAMD"
