@@ -208,7 +208,11 @@ def summed_matrix(res: Residual, name: str, layout: str, constant: Tensor, batch
     if g is None and not batch_shape:
         count, flat_constant = res.c, constant
     elif g is not None and batch_shape == g.batch_shape:
-        count, flat_constant = g.c, g.flat_matrix(constant) if name != "scale_tril" else constant.reshape(g.b, -1)
+        count = g.c
+        if name == "scale_tril":
+            flat_constant = constant.reshape(g.b, constant.shape[-1])
+        else:
+            flat_constant = g.flat_matrix(constant)
     else:
         g = Grouping(res.shape, batch_shape)
         u, v = g.group(res.full(u)), g.group(res.full(v))
