@@ -5,6 +5,19 @@ interleaved rounds (the order alternates each round), and reports the ratio of m
 ``baseline / ours`` (> 1 means this library is faster). Each timed callable includes building the
 distribution, as user code does at every step. Before timing, each baseline's result is compared with ours.
 
+The speed cases also time **the floor**: the plain closed form a careful user writes by hand in a few lines,
+with no validation — ``torch.linalg.cholesky`` of the matrix (part of the work at every call, as the
+library factorizes at every call), two ``solve_triangular`` on the transposed row-major residuals
+(``solve_triangular(L, R.mT)``), a few reductions, ``cholesky_inverse`` and one ``addmm``/``addcmul`` for
+matrix derivatives. With :math:`r = x - \mu`, :math:`\Sigma = L L^T`, :math:`z = L^{-1} r`,
+:math:`\alpha = \Sigma^{-1} r`: :math:`\log p = -\tfrac12 |z|^2 - \sum_i \log L_{ii} - \tfrac d2 \log 2\pi`,
+:math:`\partial_x = -\alpha`, :math:`\partial_\mu = \alpha`,
+:math:`\partial_\Sigma = \tfrac12 (\alpha\alpha^T - \Sigma^{-1})`,
+:math:`\partial_L = \operatorname{tril}(\alpha z^T) - \operatorname{diag}(1 / L_{ii})`; for a precision
+:math:`P = T^T T` (``T`` lower, from the Cholesky factor of the flipped ``P``), :math:`z = T r`. The floor is
+timed in the same rounds, checked against ours before timing, and reported as ``library / floor`` (a time
+ratio: > 1 means the library is slower than the hand-written floor).
+
 Cases (``--cases``):
 
 * ``lpg``: ``JacobianMVN(loc, covariance_matrix=C).log_prob_and_grads(x, reduction="sum")`` vs torch's
@@ -14,12 +27,25 @@ Cases (``--cases``):
   through torch's MVN and, for small ``N``, ``torch.autograd.functional.jacobian`` (loc only);
 * ``precision``: precision-parametrized ``log_prob`` vs torch's MVN built from ``precision_matrix``;
 * ``autograd``, ``autograd_tril``: forward + backward through ``log_prob`` w.r.t. ``loc`` and the matrix
-  (``covariance_matrix``, resp. ``scale_tril``) vs the same through torch's MVN;
+  (``covariance_matrix``, resp. ``scale_tril``) vs the same through torch's MVN (their floor: the hand-written
+  gradients w.r.t. ``loc`` and the matrix, and ``log_prob``);
+* ``compiled``: ``torch.compile(dynamic=False, fullgraph=True)`` of construction +
+  ``log_prob_and_grads(x, reduction="sum")`` vs torch's MVN compiled the same way, its gradients taken by
+  ``torch.func.grad`` inside the compiled function (this compiles to one graph; autograd of a compiled forward
+  would compile a second, backward graph), and vs the eager library; all with ``validate_args=False``; its floor
+  is ``lpg``'s, eager. Run at ``--compiled-sizes`` only (compiling takes seconds per size), dynamo reset before each;
+* ``out_buffer``: a loop over batches of ``--out-batch`` points calling
+  ``d.jacobian(x_batch, "covariance_matrix", out=buf)`` into one preallocated buffer, vs the same loop with a
+  fresh output each call (skipped, with a note, by a library whose ``jacobian`` has no ``out`` parameter);
 * ``svi``: one ``pyro.infer.SVI`` step (``Trace_ELBO``, Adam) of a model with an MVN latent and ``N`` MVN
   observations, and ``nuts``: a short NUTS run on the same model, each with ``JacobianMVN`` vs Pyro's
   ``dist.MultivariateNormal``;
 * ``memory``: peak memory of ``jacobian(x, "scale_tril")`` and ``jacobian(x, "covariance_matrix")`` and of
   ``vmap(grad)`` for the same, as a multiple of the size of the ``N x d x d`` output.
+
+Everything runs on ``--device`` (inputs are drawn on the CPU, from a seeded generator, and moved there); on a GPU
+the device is synchronized before each timed sample and after each timed call. ``svi``, ``nuts`` and
+``memory`` run on the CPU only and are skipped, with a note, on another device.
 
 Memory is measured with the torch profiler's allocation trace (``profile_memory=True``): every allocation and
 free made through torch's CPU allocator, in order, during one call; the peak of their running sum is the peak
@@ -29,8 +55,9 @@ allocates as tensors; it does not see Python objects or memory that BLAS/LAPACK 
 
 Usage::
 
-    python benchmarks/run.py                 # full grid, several minutes
-    python benchmarks/run.py --quick         # about a minute
+    python benchmarks/run.py                 # full grid, float32 and float64: tens of minutes
+    python benchmarks/run.py --quick         # a few sizes, float32: a minute or two
+    python benchmarks/run.py --device cuda   # the same on a GPU (CPU-only cases skipped)
     python benchmarks/run.py --cases lpg memory --d 8 --n 1 16 --dtypes float32 --rounds 3 --min-time 0.001
 
 Results go to ``benchmarks/results/`` (``results.json``, ``results.md``, ``speedups.png`` if matplotlib is
@@ -38,6 +65,7 @@ installed), or to ``--out``.
 """
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -63,6 +91,8 @@ CASES = (
     "precision",
     "autograd",
     "autograd_tril",
+    "compiled",
+    "out_buffer",
     "svi",
     "nuts",
     "memory",
@@ -80,6 +110,12 @@ TARGETS = [
     ("autograd", "torch", 64, 1024, 1.5),
     ("autograd_tril", "torch", 64, 1024, 1.5),
 ]
+# (case, ours, d, N, maximum library / floor time ratio) in float32; "ours" runs with default validation.
+FLOOR_TARGETS = [
+    ("lpg", "ours", 8, 1, 1.3),
+    ("lpg", "ours", 64, 1024, 1.3),
+    ("jac_cov", "ours", 64, 1024, 1.3),
+]
 MEMORY_TARGETS = [
     ("memory", "ours_scale_tril", 64, 1024, 1.5),
     ("memory", "ours_cov", 64, 1024, 1.5),
@@ -90,8 +126,11 @@ MEMORY_TARGETS = [
 # Inputs
 
 
-def make_inputs(d, n, dtype, seed=0):
-    """A well-conditioned covariance, its factors and ``n`` points drawn from the distribution."""
+def make_inputs(d, n, dtype, device="cpu", seed=0):
+    """A well-conditioned covariance, its factors and ``n`` points drawn from the distribution.
+
+    Drawn in float64 from a seeded CPU generator, whatever the device, so every device sees the same numbers.
+    """
     g = torch.Generator().manual_seed(seed + 1000 * d + n)
     a = torch.randn(d, d, generator=g, dtype=torch.float64)
     cov = a @ a.mT / d + torch.eye(d, dtype=torch.float64)
@@ -100,7 +139,7 @@ def make_inputs(d, n, dtype, seed=0):
     prec = 0.5 * (prec + prec.mT)
     loc = torch.randn(d, generator=g, dtype=torch.float64)
     x = loc + torch.randn(n, d, generator=g, dtype=torch.float64) @ tril.mT
-    return {k: v.to(dtype) for k, v in dict(loc=loc, cov=cov, tril=tril, prec=prec, x=x).items()}
+    return {k: v.to(device=device, dtype=dtype) for k, v in dict(loc=loc, cov=cov, tril=tril, prec=prec, x=x).items()}
 
 
 def _leaf(t):
@@ -108,8 +147,83 @@ def _leaf(t):
 
 
 # --------------------------------------------------------------------------------------------------
-# Cases: each returns {name: callable}; "ours" (or names starting with "ours") are this library.
-# A case returns None when the size is out of its range (see skip conditions in ``build``).
+# The floor: each case's result written by hand, without validation, from the same inputs at every call.
+# ``r`` is N x d (row-major), so the solves run on ``r.mT`` (column-major, what LAPACK takes without a copy) and
+# return ``z^T`` and ``alpha^T`` as d x N.
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def _floor_solves(loc, tril, x):
+    """``z^T = L^{-1} r^T`` and ``alpha^T = L^{-T} z^T``, both d x N."""
+    zt = torch.linalg.solve_triangular(tril, (x - loc).mT, upper=False)
+    at = torch.linalg.solve_triangular(tril.mT, zt, upper=True)
+    return zt, at
+
+
+def _floor_log_prob(zt, tril):
+    return -0.5 * zt.square().sum(0) - tril.diagonal().log().sum() - 0.5 * tril.shape[-1] * LOG_2PI
+
+
+def _floor_grad_cov(at, tril):
+    """``sum_i 0.5 (alpha_i alpha_i^T - Sigma^{-1})`` over the N points."""
+    return torch.addmm(torch.cholesky_inverse(tril), at, at.mT, beta=-0.5 * at.shape[-1], alpha=0.5)
+
+
+def _floor_grad_tril(at, zt, tril):
+    """``sum_i tril(alpha_i z_i^T) - N diag(1 / L_ii)`` over the N points."""
+    grad = (at @ zt.mT).tril_()
+    grad.diagonal().sub_(tril.diagonal().reciprocal(), alpha=at.shape[-1])
+    return grad
+
+
+def floor_lpg(loc, cov, x):
+    tril = torch.linalg.cholesky(cov)
+    zt, at = _floor_solves(loc, tril, x)
+    grads = {"value": -at.mT, "loc": at.sum(-1), "covariance_matrix": _floor_grad_cov(at, tril)}
+    return _floor_log_prob(zt, tril), grads
+
+
+def floor_jac_loc(loc, tril, x):
+    return _floor_solves(loc, tril, x)[1].mT
+
+
+def floor_jac_scale_tril(loc, tril, x):
+    zt, at = _floor_solves(loc, tril, x)
+    jac = (at.mT.unsqueeze(-1) * zt.mT.unsqueeze(-2)).tril_()
+    jac.diagonal(dim1=-2, dim2=-1).sub_(tril.diagonal().reciprocal())
+    return jac
+
+
+def floor_jac_cov(loc, cov, x):
+    tril = torch.linalg.cholesky(cov)
+    alpha = _floor_solves(loc, tril, x)[1].mT
+    sigma_inv = torch.cholesky_inverse(tril)
+    return torch.addcmul(sigma_inv.mul(-0.5), alpha.unsqueeze(-1), alpha.unsqueeze(-2), value=0.5)
+
+
+def floor_precision(loc, prec, x):
+    # P = T^T T with T lower: the Cholesky factor of P with rows and columns reversed, reversed back and transposed.
+    t = torch.linalg.cholesky(prec.flip(-2, -1)).flip(-2, -1).mT
+    z = (x - loc) @ t.mT
+    return -0.5 * z.square().sum(-1) + t.diagonal().log().sum() - 0.5 * t.shape[-1] * LOG_2PI
+
+
+def floor_autograd(loc, cov, x):
+    tril = torch.linalg.cholesky(cov)
+    zt, at = _floor_solves(loc, tril, x)
+    return _floor_log_prob(zt, tril), {"loc": at.sum(-1), "covariance_matrix": _floor_grad_cov(at, tril)}
+
+
+def floor_autograd_tril(loc, tril, x):
+    zt, at = _floor_solves(loc, tril, x)
+    return _floor_log_prob(zt, tril), {"loc": at.sum(-1), "scale_tril": _floor_grad_tril(at, zt, tril)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases: each returns ({name: callable}, {baseline: ours}); names starting with "ours" are this library, "floor"
+# is the hand-written floor (compared with every "ours" of the case). Sizes out of a case's range are skipped
+# before it is built (``skip_reason``).
 
 
 def case_lpg(inp, args):
@@ -135,6 +249,7 @@ def case_lpg(inp, args):
         "torch": torch_fwd_bwd(None),
         "ours_noval": ours(False),
         "torch_noval": torch_fwd_bwd(False),
+        "floor": lambda: floor_lpg(loc, cov, x),
     }, {"torch": "ours", "torch_noval": "ours_noval"}
 
 
@@ -162,12 +277,13 @@ def _vmap_grad(inp, wrt):
     return lambda: vmap(grad(f), in_dims=(None, 0))(cov, x)
 
 
-def _jacobian_case(wrt, param):
+def _jacobian_case(wrt, param, floor):
     def case(inp, args):
         loc, x, matrix = inp["loc"], inp["x"], inp["cov" if param == "covariance_matrix" else "tril"]
         fns = {
             "ours": lambda: JacobianMVN(loc, **{param: matrix}).jacobian(x, wrt),
             "vmap_grad": _vmap_grad(inp, wrt),
+            "floor": lambda: floor(loc, matrix, x),
         }
         n, d = x.shape
         if wrt == "loc" and n * d <= args.functional_max:
@@ -179,7 +295,7 @@ def _jacobian_case(wrt, param):
                 return jacobian(lambda m: MultivariateNormal(m, scale_tril=tril).log_prob(x), loc)
 
             fns["functional_jacobian"] = functional
-        return fns, {k: "ours" for k in fns if k != "ours"}
+        return fns, {k: "ours" for k in fns if k not in ("ours", "floor")}
 
     return case
 
@@ -189,10 +305,11 @@ def case_precision(inp, args):
     return {
         "ours": lambda: JacobianMVN(loc, precision_matrix=prec).log_prob(x),
         "torch": lambda: MultivariateNormal(loc, precision_matrix=prec).log_prob(x),
+        "floor": lambda: floor_precision(loc, prec, x),
     }, {"torch": "ours"}
 
 
-def _autograd_case(param):
+def _autograd_case(param, floor):
     key = "cov" if param == "covariance_matrix" else "tril"
 
     def case(inp, args):
@@ -207,9 +324,65 @@ def _autograd_case(param):
 
             return run
 
-        return {"ours": make(JacobianMVN), "torch": make(MultivariateNormal)}, {"torch": "ours"}
+        fns = {"ours": make(JacobianMVN), "torch": make(MultivariateNormal), "floor": lambda: floor(loc, matrix, x)}
+        return fns, {"torch": "ours"}
 
     return case
+
+
+def case_compiled(inp, args):
+    """``log_prob_and_grads(x, reduction="sum")`` compiled, vs torch's MVN + ``torch.func.grad`` compiled."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # a fresh cache for each size and dtype: no recompilation limit, no stale guards
+    loc, cov, x = inp["loc"], inp["cov"], inp["x"]
+
+    def ours(loc, cov, x):
+        return JacobianMVN(loc, covariance_matrix=cov, validate_args=False).log_prob_and_grads(x, reduction="sum")
+
+    def log_prob_sum(x, loc, cov):
+        lp = MultivariateNormal(loc, covariance_matrix=cov, validate_args=False).log_prob(x)
+        return lp.sum(), lp
+
+    def torch_grads(loc, cov, x):
+        (gx, gl, gc), lp = torch.func.grad(log_prob_sum, argnums=(0, 1, 2), has_aux=True)(x, loc, cov)
+        return lp, {"value": gx, "loc": gl, "covariance_matrix": gc}
+
+    compiled_ours = torch.compile(ours, dynamic=False, fullgraph=True, backend=args.compile_backend)
+    compiled_torch = torch.compile(torch_grads, dynamic=False, fullgraph=True, backend=args.compile_backend)
+    return {
+        "ours_compiled": lambda: compiled_ours(loc, cov, x),
+        "torch_compiled": lambda: compiled_torch(loc, cov, x),
+        "ours_eager": lambda: ours(loc, cov, x),
+        "floor": lambda: floor_lpg(loc, cov, x),
+    }, {"torch_compiled": "ours_compiled", "ours_eager": "ours_compiled"}
+
+
+def case_out_buffer(inp, args):
+    """A loop of ``jacobian(x_batch, "covariance_matrix")`` over batches, into one buffer (``out=``) or fresh."""
+    loc, cov, x = inp["loc"], inp["cov"], inp["x"]
+    n, d = x.shape
+    batches = x.split(min(args.out_batch, n))
+    buf = x.new_empty(batches[0].shape + (d,))
+
+    def into_buffer():
+        dist = JacobianMVN(loc, covariance_matrix=cov)
+        for xb in batches:
+            dist.jacobian(xb, "covariance_matrix", out=buf)
+        return buf
+
+    def fresh():
+        dist = JacobianMVN(loc, covariance_matrix=cov)
+        for xb in batches:
+            jac = dist.jacobian(xb, "covariance_matrix")
+        return jac
+
+    # Both return the last batch's Jacobian (the buffer holds it after the loop).
+    return {"ours_out": into_buffer, "ours_fresh": fresh}, {"ours_fresh": "ours_out"}
+
+
+def _has_out_parameter():
+    return "out" in inspect.signature(JacobianMVN.jacobian).parameters
 
 
 def _pyro_model(dist_cls, inp):
@@ -217,20 +390,22 @@ def _pyro_model(dist_cls, inp):
     from torch.distributions import constraints
 
     d = inp["loc"].shape[-1]
-    dtype = inp["loc"].dtype
-    prior_tril = torch.eye(d, dtype=dtype)
+    dtype, device = inp["loc"].dtype, inp["loc"].device
+    prior_tril = torch.eye(d, dtype=dtype, device=device)
     obs_tril = inp["tril"]
     tag = dist_cls.__name__
 
     def model(data):
-        z = pyro.sample("z", dist_cls(torch.zeros(d, dtype=dtype), scale_tril=prior_tril))
+        z = pyro.sample("z", dist_cls(torch.zeros(d, dtype=dtype, device=device), scale_tril=prior_tril))
         with pyro.plate("data", data.shape[0]):
             pyro.sample("obs", dist_cls(z, scale_tril=obs_tril), obs=data)
 
     def guide(data):
-        q_loc = pyro.param(f"{tag}_q_loc", lambda: torch.zeros(d, dtype=dtype))
+        q_loc = pyro.param(f"{tag}_q_loc", lambda: torch.zeros(d, dtype=dtype, device=device))
         q_tril = pyro.param(
-            f"{tag}_q_tril", lambda: 0.1 * torch.eye(d, dtype=dtype), constraint=constraints.lower_cholesky
+            f"{tag}_q_tril",
+            lambda: 0.1 * torch.eye(d, dtype=dtype, device=device),
+            constraint=constraints.lower_cholesky,
         )
         pyro.sample("z", dist_cls(q_loc, scale_tril=q_tril))
 
@@ -278,12 +453,14 @@ def case_nuts(inp, args):
 
 CASE_FUNCTIONS = {
     "lpg": case_lpg,
-    "jac_loc": _jacobian_case("loc", "scale_tril"),
-    "jac_scale_tril": _jacobian_case("scale_tril", "scale_tril"),
-    "jac_cov": _jacobian_case("covariance_matrix", "covariance_matrix"),
+    "jac_loc": _jacobian_case("loc", "scale_tril", floor_jac_loc),
+    "jac_scale_tril": _jacobian_case("scale_tril", "scale_tril", floor_jac_scale_tril),
+    "jac_cov": _jacobian_case("covariance_matrix", "covariance_matrix", floor_jac_cov),
     "precision": case_precision,
-    "autograd": _autograd_case("covariance_matrix"),
-    "autograd_tril": _autograd_case("scale_tril"),
+    "autograd": _autograd_case("covariance_matrix", floor_autograd),
+    "autograd_tril": _autograd_case("scale_tril", floor_autograd_tril),
+    "compiled": case_compiled,
+    "out_buffer": case_out_buffer,
     "svi": case_svi,
     "nuts": case_nuts,
 }
@@ -313,13 +490,28 @@ def max_rel_error(ours, ref):
     return worst
 
 
-def time_interleaved(fns, rounds, min_time):
-    """Median seconds per call of each callable, timed in interleaved rounds (order alternating)."""
+def synchronizer(device):
+    """What waits for the device's queued work: ``torch.cuda.synchronize`` on CUDA, nothing on the CPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return lambda: None
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return torch.accelerator.synchronize
+
+
+def time_interleaved(fns, rounds, min_time, sync=lambda: None):
+    """Median seconds per call of each callable, timed in interleaved rounds (order alternating).
+
+    ``sync`` runs before each timed sample and after each call, so a call's time includes its queued device work.
+    """
     loops = {}
     for name, fn in fns.items():
         fn()  # warm up (lazy imports, allocator, first-call dispatch)
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         elapsed = time.perf_counter() - start
         loops[name] = max(1, math.ceil(min_time / max(elapsed, 1e-7)))
     times = {name: [] for name in fns}
@@ -327,9 +519,11 @@ def time_interleaved(fns, rounds, min_time):
     for i in range(rounds):
         for name in names if i % 2 == 0 else names[::-1]:
             fn, k = fns[name], loops[name]
+            sync()
             start = time.perf_counter()
             for _ in range(k):
                 fn()
+                sync()
             times[name].append((time.perf_counter() - start) / k)
     return {name: statistics.median(t) for name, t in times.items()}, loops
 
@@ -370,21 +564,33 @@ def run_memory(inp, args):
 # Driver
 
 
+def parse_sizes(texts):
+    """``["8x1", "64x1024"]`` -> ``[(8, 1), (64, 1024)]``."""
+    return [tuple(int(v) for v in t.lower().split("x")) for t in texts]
+
+
 def sizes_from(args):
     sizes = [(d, n) for d in args.d for n in args.n]
-    for s in args.extra_sizes:
-        d, n = (int(v) for v in s.lower().split("x"))
-        if (d, n) not in sizes:
-            sizes.append((d, n))
+    for size in parse_sizes(args.extra_sizes):
+        if size not in sizes:
+            sizes.append(size)
     return sizes
 
 
 def skip_reason(case, d, n, dtype, args):
     itemsize = torch.finfo(dtype).bits // 8
+    if case in ("svi", "nuts", "memory") and torch.device(args.device).type != "cpu":
+        return "CPU only"
+    if case == "out_buffer" and not _has_out_parameter():
+        return "JacobianMVN.jacobian has no out= parameter in this version of the library"
     # vmap(grad) materializes N x d x d tensors (per-sample copies of the matrix) for every Jacobian, loc included.
     if case.startswith("jac") or case == "memory":
         if n * d * d * itemsize > args.max_matrix_bytes:
             return "N x d x d tensors over --max-matrix-bytes"
+    if case == "out_buffer" and min(n, args.out_batch) * d * d * itemsize > args.max_matrix_bytes:
+        return "batch x d x d tensors over --max-matrix-bytes"
+    if case == "out_buffer" and n % min(n, args.out_batch):
+        return "N not a multiple of --out-batch"
     if case in ("svi", "nuts") and (n > args.pyro_max_n or d > args.pyro_max_d):
         return "over --pyro-max-n/--pyro-max-d"
     if case == "memory" and n < args.memory_min_n:
@@ -392,20 +598,31 @@ def skip_reason(case, d, n, dtype, args):
     return None
 
 
+def _ratio(num, den):
+    return None if num is None or den is None else num / den
+
+
 def run(args):
+    """Every case at every size and dtype; returns the result rows and the skips, ``{"case: reason": [sizes]}``."""
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
+    skipped = {}
+    sync = synchronizer(args.device)
     sizes = sizes_from(args)
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for case in args.cases:
-            for d, n in sizes:
+            for d, n in parse_sizes(args.compiled_sizes) if case == "compiled" else sizes:
                 reason = skip_reason(case, d, n, dtype, args)
                 if reason:
+                    key = f"{case}: {reason}"
+                    if key not in skipped:
+                        print(f"{case:15s} skipped: {reason}", flush=True)
+                    skipped.setdefault(key, []).append(f"{dtype_name} d={d} N={n}")
                     continue
-                inp = make_inputs(d, n, dtype)
-                base = {"case": case, "dtype": dtype_name, "d": d, "N": n}
+                inp = make_inputs(d, n, dtype, args.device)
+                base = {"case": case, "dtype": dtype_name, "device": str(args.device), "d": d, "N": n}
                 if case == "memory":
                     for row in run_memory(inp, args):
                         results.append({**base, "kind": "memory", **row})
@@ -417,7 +634,14 @@ def run(args):
                     continue
                 fns, pairs = CASE_FUNCTIONS[case](inp, args)
                 outputs = {name: fn() for name, fn in fns.items()}
-                medians, loops = time_interleaved(fns, args.rounds, args.min_time)
+                # SVI steps draw different samples and update different parameters: nothing to compare.
+                errors = {
+                    (other, ours): None if case == "svi" else max_rel_error(outputs[ours], outputs[other])
+                    for other, ours in list(pairs.items()) + [("floor", o) for o in set(pairs.values())]
+                    if other in fns
+                }
+                medians, loops = time_interleaved(fns, args.rounds, args.min_time, sync)
+                floor_s = medians.get("floor")
                 for baseline, ours in pairs.items():
                     row = {
                         **base,
@@ -429,23 +653,33 @@ def run(args):
                         "speedup": medians[baseline] / medians[ours],
                         "loops": [loops[ours], loops[baseline]],
                         "rounds": args.rounds,
-                        # SVI steps draw different samples and update different parameters: nothing to compare.
-                        "max_rel_error": None if case == "svi" else max_rel_error(outputs[ours], outputs[baseline]),
+                        "max_rel_error": errors[baseline, ours],
+                        # The hand-written floor, where the case has one: time ratio library / floor (> 1: slower).
+                        "floor_s": floor_s,
+                        "library_over_floor": _ratio(medians[ours], floor_s),
+                        "floor_max_rel_error": errors.get(("floor", ours)),
                     }
                     results.append(row)
+                    floor_text = ""
+                    if floor_s is not None:
+                        floor_text = (
+                            f"  library/floor {row['library_over_floor']:5.2f} "
+                            f"(floor {floor_s * 1e6:.1f} us, max rel. diff {row['floor_max_rel_error']:.1e})"
+                        )
                     print(
                         f"{case:15s} {dtype_name} d={d:<4d} N={n:<6d} {baseline:20s} "
-                        f"ours {medians[ours] * 1e6:10.1f} us  baseline {medians[baseline] * 1e6:10.1f} us  "
-                        f"speedup {row['speedup']:7.2f}x  (max rel. diff {row['max_rel_error'] or 0:.1e})",
+                        f"{ours:13s} {medians[ours] * 1e6:10.1f} us  baseline {medians[baseline] * 1e6:10.1f} us  "
+                        f"speedup {row['speedup']:7.2f}x  (max rel. diff {row['max_rel_error'] or 0:.1e})" + floor_text,
                         flush=True,
                     )
-    return results
+    return results, skipped
 
 
 def check_targets(results):
     rows = []
     f32 = [r for r in results if r["dtype"] == "float32"]
     speed = {(r["case"], r["baseline"], r["d"], r["N"]): r["speedup"] for r in f32 if r["kind"] == "speed"}
+    floor = {(r["case"], r["ours"], r["d"], r["N"]): r["library_over_floor"] for r in f32 if r["kind"] == "speed"}
     memory = {(r["case"], r["impl"], r["d"], r["N"]): r["peak_over_output"] for r in f32 if r["kind"] == "memory"}
     for case, baseline, d, n, minimum in TARGETS:
         value = speed.get((case, baseline, d, n))
@@ -455,6 +689,16 @@ def check_targets(results):
                 "required": f">= {minimum:g}x",
                 "measured": None if value is None else round(value, 2),
                 "met": None if value is None else value >= minimum,
+            }
+        )
+    for case, ours, d, n, maximum in FLOOR_TARGETS:
+        value = floor.get((case, ours, d, n))
+        rows.append(
+            {
+                "target": f"{case}, {ours} / floor, d={d}, N={n}",
+                "required": f"<= {maximum:g}x",
+                "measured": None if value is None else round(value, 2),
+                "met": None if value is None else value <= maximum,
             }
         )
     for case, impl, d, n, maximum in MEMORY_TARGETS:
@@ -474,29 +718,35 @@ def _fmt(v, digits=1):
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def markdown(results, targets, meta):
+def markdown(results, targets, meta, skipped):
     lines = [
-        "Speedup = median time of the baseline / median time of torch_mvn_ext (> 1: torch_mvn_ext is faster).",
+        "Speedup = median time of the baseline / median time of torch_mvn_ext (> 1: torch_mvn_ext is faster). "
+        "library / floor = median time of torch_mvn_ext (the row's variant) / median time of the hand-written "
+        "closed form (> 1: torch_mvn_ext is slower than the floor).",
         "",
-        f"Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} threads; "
+        f"Machine: {meta['machine']}, device {meta['device']}; torch {meta['torch']}, {meta['threads']} threads; "
         f"{meta['rounds']} interleaved rounds. Command: `{meta['command']}`",
         "",
     ]
     speed = [r for r in results if r["kind"] == "speed"]
     ns = sorted({r["N"] for r in speed})
     for dtype in sorted({r["dtype"] for r in speed}):
-        lines += [f"### Speedups, {dtype}", ""]
-        lines.append("| case | vs | d | " + " | ".join(f"N={n}" for n in ns) + " |")
-        lines.append("| --- | --- | --- | " + " | ".join("---" for _ in ns) + " |")
+        lines += [f"### Speedups and library / floor, {dtype}", ""]
+        lines.append("| case | vs | d | " + " | ".join(f"N={n} | N={n} library / floor" for n in ns) + " |")
+        lines.append("| --- | --- | --- | " + " | ".join("--- | ---" for _ in ns) + " |")
         keys = []
         for r in speed:
             if r["dtype"] == dtype and (r["case"], r["baseline"], r["d"]) not in keys:
                 keys.append((r["case"], r["baseline"], r["d"]))
-        cells = {(r["case"], r["baseline"], r["d"], r["N"]): r["speedup"] for r in speed if r["dtype"] == dtype}
+        cells = {(r["case"], r["baseline"], r["d"], r["N"]): r for r in speed if r["dtype"] == dtype}
         for case, baseline, d in keys:
-            vals = [cells.get((case, baseline, d, n)) for n in ns]
-            cells_text = " | ".join("—" if v is None else f"{v:.1f}x" for v in vals)
-            lines.append(f"| {case} | {baseline} | {d} | {cells_text} |")
+            texts = []
+            for n in ns:
+                r = cells.get((case, baseline, d, n))
+                texts.append("—" if r is None else f"{r['speedup']:.1f}x")
+                floor = None if r is None else r["library_over_floor"]
+                texts.append("—" if floor is None else f"{floor:.2f}")
+            lines.append(f"| {case} | {baseline} | {d} | {' | '.join(texts)} |")
         lines.append("")
     memory = [r for r in results if r["kind"] == "memory"]
     if memory:
@@ -510,12 +760,17 @@ def markdown(results, targets, meta):
             )
         lines.append("")
     if targets:
-        lines += ["### Targets (float32, torch with default validation)", ""]
+        lines += ["### Targets (float32; torch and the library with default validation)", ""]
         lines.append("| target | required | measured | met |")
         lines.append("| --- | --- | --- | --- |")
         for t in targets:
             met = "n/a" if t["met"] is None else ("yes" if t["met"] else "no")
             lines.append(f"| {t['target']} | {t['required']} | {_fmt(t['measured'], 2)} | {met} |")
+        lines.append("")
+    if skipped:
+        lines += ["### Skipped", ""]
+        for reason, where in skipped.items():
+            lines.append(f"- {reason} ({', '.join(where)})")
         lines.append("")
     return "\n".join(lines)
 
@@ -530,30 +785,30 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     speed = [r for r in results if r["kind"] == "speed"]
-    panels = []
+    # One panel per (case, baseline): the speedup; one per case with a floor: library / floor (the "ours" variant).
+    series = {}
     for r in speed:
-        if (r["case"], r["baseline"]) not in panels:
-            panels.append((r["case"], r["baseline"]))
+        panel = (f"{r['case']} vs {r['baseline']}", "speedup")
+        series.setdefault(panel, {}).setdefault((r["dtype"], r["d"]), {})[r["N"]] = r["speedup"]
+        if r["library_over_floor"] is not None and r["ours"] == "ours":
+            panel = (f"{r['case']}: library / floor", "time ratio")
+            series.setdefault(panel, {}).setdefault((r["dtype"], r["d"]), {})[r["N"]] = r["library_over_floor"]
+    panels = list(series)
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     colors = {d: f"C{i}" for i, d in enumerate(sorted({r["d"] for r in speed}))}
-    for ax, (case, baseline) in zip(axes.flat, panels):
-        for dtype, style in (("float32", "-"), ("float64", "--")):
-            for d, color in colors.items():
-                pts = sorted(
-                    (r["N"], r["speedup"])
-                    for r in speed
-                    if (r["case"], r["baseline"], r["dtype"], r["d"]) == (case, baseline, dtype, d)
-                )
-                if pts:
-                    ax.plot(*zip(*pts), style, color=color, marker="o", label=f"d={d} {dtype}")
+    styles = {"float32": "-", "float64": "--"}
+    for ax, (title, ylabel) in zip(axes.flat, panels):
+        for (dtype, d), points in series[title, ylabel].items():
+            ns = sorted(points)
+            ax.plot(ns, [points[n] for n in ns], styles[dtype], color=colors[d], marker="o", label=f"d={d} {dtype}")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"{case} vs {baseline}", fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("N")
-        ax.set_ylabel("speedup")
+        ax.set_ylabel(ylabel)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if panels:
@@ -566,12 +821,15 @@ def plot(results, path):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer sizes and rounds: about a minute")
+    p.add_argument(
+        "--quick", action="store_true", help="float32, d in (8, 64), N in (1, 1024), fewer rounds: a minute or two"
+    )
     p.add_argument("--cases", nargs="+", choices=CASES, default=None, help="cases to run (default: all)")
-    p.add_argument("--d", nargs="+", type=int, default=None, help="event sizes (default 8 64 256)")
+    p.add_argument("--d", nargs="+", type=int, default=None, help="event sizes (default 2 8 64 256)")
     p.add_argument("--n", nargs="+", type=int, default=None, help="numbers of points (default 1 1024 16384)")
     p.add_argument("--extra-sizes", nargs="*", default=None, help="extra dxN points (default 256x4096)")
-    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None)
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None, help="default float32 float64")
+    p.add_argument("--device", default="cpu", help="where inputs are made and every case runs (default cpu)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per size (default 7; quick 5)")
     p.add_argument("--min-time", type=float, default=None, help="seconds per timed sample (default 0.05)")
     p.add_argument(
@@ -586,6 +844,11 @@ def parse_args(argv=None):
     p.add_argument("--pyro-max-d", type=int, default=64)
     p.add_argument("--nuts-samples", type=int, default=10)
     p.add_argument("--memory-min-n", type=int, default=1024, help="smallest N for the memory case")
+    p.add_argument(
+        "--compiled-sizes", nargs="+", default=None, help="dxN points of the compiled case (default 8x1 64x1024)"
+    )
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled case")
+    p.add_argument("--out-batch", type=int, default=256, help="points per batch in the out_buffer case")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -595,11 +858,13 @@ def parse_args(argv=None):
     if args.cases is None:
         args.cases = list(CASES)
     if args.d is None:
-        args.d = [8, 64] if quick else [8, 64, 256]
+        args.d = [8, 64] if quick else [2, 8, 64, 256]
     if args.n is None:
         args.n = [1, 1024] if quick else [1, 1024, 16384]
     if args.dtypes is None:
         args.dtypes = ["float32"] if quick else ["float32", "float64"]
+    if args.compiled_sizes is None:
+        args.compiled_sizes = ["8x1", "64x1024"]
     if args.rounds is None:
         args.rounds = 5 if quick else 7
     if args.min_time is None:
@@ -618,8 +883,10 @@ def cpu_model():
 def main(argv=None):
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*profiler.*")
+    device = torch.device(args.device)
     meta = {
         "machine": f"{platform.machine()} {os.cpu_count()}-core CPU ({cpu_model()})",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "torch": torch.__version__,
         "threads": args.threads or torch.get_num_threads(),
         "python": platform.python_version(),
@@ -627,15 +894,15 @@ def main(argv=None):
         "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     start = time.perf_counter()
-    results = run(args)
+    results, skipped = run(args)
     targets = check_targets(results)
     meta["seconds"] = round(time.perf_counter() - start, 1)
     os.makedirs(args.out, exist_ok=True)
-    text = markdown(results, targets, meta)
+    text = markdown(results, targets, meta, skipped)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "results": results, "targets": targets}, f, indent=1)
+        json.dump({"meta": meta, "results": results, "targets": targets, "skipped": skipped}, f, indent=1)
     print()
     print(text)
     if not args.no_plot and plot(results, os.path.join(args.out, "speedups.png")):

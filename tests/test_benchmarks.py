@@ -1,34 +1,57 @@
-"""The benchmark script runs end to end at tiny sizes, and every baseline it times computes what ours computes.
+"""The benchmark script runs end to end at tiny sizes; every baseline and floor it times computes what ours does.
 
 No timing is asserted: the machine is shared and noisy. What can fail here is the script itself (so it cannot rot)
-and the agreement between this library and each baseline it is timed against.
+and the agreement between this library and each baseline and hand-written floor it is timed against.
 """
 
+import inspect
 import json
 import pathlib
 import subprocess
 import sys
 
+from torch_mvn_ext import JacobianMVN
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-CASES = ["lpg", "jac_loc", "jac_scale_tril", "jac_cov", "precision", "autograd", "autograd_tril", "svi", "nuts"]
+FLOOR_CASES = ["lpg", "jac_loc", "jac_scale_tril", "jac_cov", "precision", "autograd", "autograd_tril"]
+CASES = FLOOR_CASES + ["svi", "nuts"]
+HAS_OUT = "out" in inspect.signature(JacobianMVN.jacobian).parameters
+
+
+def run_script(tmp_path, args, timeout):
+    args = [*args, "--rounds", "1", "--min-time", "0", "--no-plot", "--out", str(tmp_path)]
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout, json.loads((tmp_path / "results.json").read_text())
+
+
+def check_agreement(row):
+    limit = 1e-4 if row["dtype"] == "float32" else 1e-10
+    if row["max_rel_error"] is not None:  # None for SVI steps, which draw different samples
+        assert row["max_rel_error"] < limit, row
+    if row["floor_s"] is not None:
+        assert row["floor_max_rel_error"] < limit, row
 
 
 def test_benchmark_script_runs_at_tiny_sizes(tmp_path):
-    args = ["--cases", *CASES, "memory", "--d", "3", "--n", "1", "8", "--dtypes", "float32", "float64"]
-    args += ["--rounds", "1", "--min-time", "0", "--memory-min-n", "8", "--nuts-samples", "2", "--out", str(tmp_path)]
-    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Speedups, float32" in result.stdout
+    args = ["--cases", *CASES, "out_buffer", "memory", "--d", "3", "--n", "1", "8", "--dtypes", "float32", "float64"]
+    args += ["--memory-min-n", "8", "--nuts-samples", "2", "--out-batch", "4"]
+    stdout, report = run_script(tmp_path, args, timeout=300)
+    assert "Speedups and library / floor, float32" in stdout
 
-    report = json.loads((tmp_path / "results.json").read_text())
     speed = [r for r in report["results"] if r["kind"] == "speed"]
-    assert {r["case"] for r in speed} == set(CASES)
+    assert {r["case"] for r in speed} == set(CASES) | ({"out_buffer"} if HAS_OUT else set())
     assert {(r["dtype"], r["d"], r["N"]) for r in speed} == {(t, 3, n) for t in ("float32", "float64") for n in (1, 8)}
     for r in speed:
         assert r["ours_s"] > 0 and r["baseline_s"] > 0
-        if r["max_rel_error"] is not None:  # None for SVI steps, which draw different samples
-            limit = 1e-4 if r["dtype"] == "float32" else 1e-10
-            assert r["max_rel_error"] < limit, r
+        check_agreement(r)
+        if r["case"] in FLOOR_CASES:  # every case that has a floor reports it, on every row
+            assert r["floor_s"] > 0 and r["library_over_floor"] == r["ours_s"] / r["floor_s"], r
+        else:
+            assert r["floor_s"] is None and r["library_over_floor"] is None, r
+    if not HAS_OUT:  # the case is written to API.md's out=; until the library has it, it says why it is skipped
+        assert "out_buffer      skipped: JacobianMVN.jacobian has no out= parameter" in stdout
+        assert any(reason.startswith("out_buffer: ") for reason in report["skipped"])
 
     memory = [r for r in report["results"] if r["kind"] == "memory"]
     assert {r["impl"] for r in memory} == {"ours_scale_tril", "vmap_grad_scale_tril", "ours_cov", "vmap_grad_cov"}
@@ -36,8 +59,25 @@ def test_benchmark_script_runs_at_tiny_sizes(tmp_path):
         assert r["output_bytes"] == 8 * 3 * 3 * (4 if r["dtype"] == "float32" else 8)
         assert r["peak_bytes"] >= r["output_bytes"]
 
-    assert "| lpg | torch | 3 |" in (tmp_path / "results.md").read_text()
-    assert {t["target"] for t in report["targets"]} >= {"lpg vs torch, d=8, N=1"}
+    md = (tmp_path / "results.md").read_text()
+    assert "| case | vs | d | N=1 | N=1 library / floor | N=8 | N=8 library / floor |" in md
+    assert "| lpg | torch | 3 |" in md
+    targets = {t["target"] for t in report["targets"]}
+    assert {"lpg vs torch, d=8, N=1", "lpg, ours / floor, d=8, N=1", "jac_cov, ours / floor, d=64, N=1024"} <= targets
+
+
+def test_compiled_case_at_one_tiny_size(tmp_path):
+    """The library and torch's MVN compiled with inductor (about 15 s here, most of it compiling)."""
+    args = ["--cases", "compiled", "--compiled-sizes", "3x4", "--dtypes", "float64"]
+    _, report = run_script(tmp_path, args, timeout=240)
+    rows = report["results"]
+    assert {(r["baseline"], r["ours"], r["d"], r["N"]) for r in rows} == {
+        ("torch_compiled", "ours_compiled", 3, 4),
+        ("ours_eager", "ours_compiled", 3, 4),
+    }
+    for r in rows:
+        check_agreement(r)
+        assert r["library_over_floor"] > 0
 
 
 def test_solve_benchmark_runs_and_checks_its_routes():
