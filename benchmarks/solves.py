@@ -4,7 +4,7 @@ r"""How fast this machine's BLAS forms :math:`\alpha = \Sigma^{-1} r` for row-ma
 are three ways to form it, and which is fastest depends on the CPU and its BLAS, not only on ``d`` and ``N``:
 
 * ``left``: two triangular solves from the left on ``r^T`` (``solve_triangular(L, r.mT)``, then with ``L^T``),
-  the route ``torch_mvn_ext`` takes (``_factor._left_solve``);
+  the route ``torch_mvn_ext`` takes (``_factor._solve_rows``);
 * ``right``: the same two solves from the right on ``r`` itself (``left=False``);
 * ``gemm``: ``r @ cholesky_inverse(L)``, forming :math:`\Sigma^{-1}` (timed with it) and one matrix product
   (taken by the library only for ``32 <= d < 128``: it is less accurate when ``L`` is exact, see

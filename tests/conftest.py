@@ -47,3 +47,13 @@ def pytest_addoption(parser):
         default=None,
         help="number of random cases test_differential.py draws (default: a quick run)",
     )
+
+
+_DEFAULT_VALIDATE_ARGS = torch.distributions.Distribution._validate_args
+
+
+@pytest.fixture(autouse=True)
+def default_validation():
+    """Every test starts with torch's default argument validation: any ``torch.compile`` call turns it off for the
+    whole process (torch's own behaviour), which would leave the tests after a compiled one unvalidated."""
+    torch.distributions.Distribution.set_default_validate_args(_DEFAULT_VALIDATE_ARGS)

@@ -187,7 +187,7 @@ def test_torch_compile_fullgraph(parametrization, assert_close):
 @pytest.mark.parametrize("right_solve", [False, True], ids=["left-solve", "right-solve"])
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_float32_solve_routes_under_transforms(monkeypatch, parametrization, right_solve, assert_close):
-    """float32 solves run from the right on some CPUs (``_factor._left_solve``); both routes compile with
+    """float32 solves run from the right on some CPUs (``_factor._solve_rows``); both routes compile with
     ``fullgraph=True`` and work under ``vmap(grad)`` and ``hessian``, whichever CPU runs the tests."""
     monkeypatch.setattr(_factor, "_RIGHT_SOLVE_IS_FASTER", right_solve)
     torch._dynamo.reset()  # the route is a global that compiled code guards on; start from a cold cache

@@ -52,7 +52,7 @@ needs_extended = pytest.mark.skipif(
 def measured():
     """Relative errors of every case and parametrization, measured once per case on first use:
     ``measured(case_id, route)[parametrization]``. ``route`` is the way float32 triangular solves run on the CPU
-    (``_factor._left_solve`` takes the right solve only on CPUs where it is faster, so both are forced here)."""
+    (``_factor._solve_rows`` takes the right solve only on CPUs where it is faster, so both are forced here)."""
     cache = {}
 
     def get(case_id, route):

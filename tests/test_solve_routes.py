@@ -1,5 +1,5 @@
 """float32 triangular solves run from the left or, on CPUs where MKL does them faster so, from the right
-(``_factor._left_solve``). Whichever CPU runs the tests, both routes are forced here and every public method must
+(``_factor._solve_rows``). Whichever CPU runs the tests, both routes are forced here and every public method must
 give the same numbers (to float32 rounding) in a tensor of the same shape and strides, over the shape grid and all three
 parametrizations, and agree with the same methods in float64 (samples: with each other only, as float32 and float64
 draw different noise).

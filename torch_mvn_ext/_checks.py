@@ -93,56 +93,82 @@ def check_device(name: str, t: Tensor, device: torch.device) -> None:
 
 def check_parameters(
     loc: object, covariance_matrix: object, precision_matrix: object, scale_tril: object
-) -> tuple[str, Tensor]:
-    """The name and tensor of the one matrix argument given, after checking every structural requirement."""
-    given = {
-        name: m
-        for name, m in zip(PARAMETRIZATIONS, (covariance_matrix, precision_matrix, scale_tril))
-        if m is not None
-    }
-    if len(given) != 1:
+) -> tuple[str, Tensor, torch.Size]:
+    """The name and tensor of the one matrix argument given and the batch shape, after checking every structural
+    requirement: a straight line of cheap tests when they hold (every construction pays them), the diagnosis when
+    one fails."""
+    if precision_matrix is None and scale_tril is None and covariance_matrix is not None:
+        name, matrix = "covariance_matrix", covariance_matrix
+    elif covariance_matrix is None and precision_matrix is None and scale_tril is not None:
+        name, matrix = "scale_tril", scale_tril
+    elif covariance_matrix is None and scale_tril is None and precision_matrix is not None:
+        name, matrix = "precision_matrix", precision_matrix
+    else:
+        given = [n for n, m in zip(PARAMETRIZATIONS, (covariance_matrix, precision_matrix, scale_tril)) if m is not None]
         got = " and ".join(given) if given else "none"
         raise ValueError(f"Exactly one of covariance_matrix, precision_matrix or scale_tril must be given; got {got}")
-    ((name, matrix),) = given.items()
+    if isinstance(loc, Tensor) and isinstance(matrix, Tensor):
+        dtype, ls, ms = loc.dtype, loc.shape, matrix.shape
+        if (
+            (dtype is torch.float32 or dtype is torch.float64)
+            and matrix.dtype is dtype
+            and len(ls) >= 1
+            and len(ms) >= 2
+            and ms[-1] == ms[-2] == ls[-1]
+            and loc.device == matrix.device
+        ):
+            batch = ls[:-1]
+            if len(ms) > 2 or batch:
+                try:
+                    batch = broadcast_shapes(batch, ms[:-2])
+                except RuntimeError:
+                    pass
+                else:
+                    return name, matrix, batch
+            else:
+                return name, matrix, batch
+    raise _parameter_error(loc, name, matrix)
+
+
+def _parameter_error(loc: object, name: str, matrix: object) -> ValueError:
+    """The ``ValueError`` that says which structural requirement ``loc`` and ``matrix`` fail."""
     for arg, t in (("loc", loc), (name, matrix)):
         if not isinstance(t, Tensor):
-            raise ValueError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+            return ValueError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
         if not t.dtype.is_floating_point:
-            raise ValueError(f"{arg} has dtype {t.dtype}, but JacobianMVN needs floating-point tensors")
+            return ValueError(f"{arg} has dtype {t.dtype}, but JacobianMVN needs floating-point tensors")
         if t.dtype not in (torch.float32, torch.float64):
-            raise ValueError(
+            return ValueError(
                 f"{arg} has dtype {t.dtype}, but JacobianMVN works in float32 or float64 (torch's Cholesky "
                 f"factorization and triangular solves do not support {t.dtype}); convert with .float()"
             )
     loc, matrix = cast(Tensor, loc), cast(Tensor, matrix)
     if loc.dim() < 1:
-        raise ValueError("loc must be at least one-dimensional, with its event dimension last; got a 0-d tensor")
+        return ValueError("loc must be at least one-dimensional, with its event dimension last; got a 0-d tensor")
     if matrix.dim() < 2 or matrix.shape[-1] != matrix.shape[-2]:
-        raise ValueError(
+        return ValueError(
             f"{name} must be a square matrix (with optional leading batch dimensions), "
             f"but has shape {format_shape(matrix.shape)}"
         )
     if matrix.shape[-1] != loc.shape[-1]:
-        raise ValueError(
+        return ValueError(
             f"loc has shape {format_shape(loc.shape)} but {name} has shape {format_shape(matrix.shape)}: "
             f"their event sizes {loc.shape[-1]} and {matrix.shape[-1]} differ"
         )
     try:
         broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
     except RuntimeError:
-        raise ValueError(
+        return ValueError(
             f"loc has shape {format_shape(loc.shape)} and {name} has shape {format_shape(matrix.shape)}: "
             f"their batch shapes {format_shape(loc.shape[:-1])} and {format_shape(matrix.shape[:-2])} "
             f"do not broadcast"
-        ) from None
+        )
     if loc.dtype != matrix.dtype:
-        raise ValueError(
+        return ValueError(
             f"loc has dtype {loc.dtype} but {name} has dtype {matrix.dtype}; pass both in one dtype "
             f"(e.g. loc.to({name}.dtype))"
         )
-    if loc.device != matrix.device:
-        raise ValueError(f"loc is on device {loc.device} but {name} is on device {matrix.device}")
-    return name, matrix
+    return ValueError(f"loc is on device {loc.device} but {name} is on device {matrix.device}")
 
 
 def check_event_tensor(

@@ -40,7 +40,7 @@ class Residual:
     """
 
     __slots__ = ("shape", "grouping", "factor", "r", "c", "_z", "_alpha", "_gemm_alpha", "_sigma_inverse_fn")
-    __slots__ += ("_sigma_inverse",)
+    __slots__ += ("_sigma_inverse", "_full_alpha")
 
     def __init__(
         self,
@@ -54,7 +54,7 @@ class Residual:
             self.grouping: Grouping | None = None
             self.factor = factor
             self.c = math.prod(self.shape)
-            self.r = r.reshape(self.c, r.shape[-1])
+            self.r = r if r.dim() == 2 else r.reshape(self.c, r.shape[-1])
         else:
             g = Grouping(self.shape, factor.batch_shape)
             self.grouping = g
@@ -66,6 +66,7 @@ class Residual:
         self._gemm_alpha = sigma_inverse is not None
         self._sigma_inverse_fn = sigma_inverse or factor.precision_matrix
         self._sigma_inverse: Tensor | None = None
+        self._full_alpha: Tensor | None = None
 
     @property
     def z(self) -> Tensor:
@@ -99,10 +100,11 @@ class Residual:
 
     @property
     def log_prob(self) -> Tensor:
+        z = self.z
         log_norm = self.factor.log_norm()
         if self.grouping is not None:
             log_norm = log_norm.unsqueeze(-1)
-        lp = torch.add(log_norm, torch.linalg.vecdot(self.z, self.z), alpha=-0.5)
+        lp = torch.add(log_norm, torch.linalg.vecdot(z, z), alpha=-0.5)
         if self.factor.is_precision:
             # z = r T^T sums 0 * inf above T's diagonal where r is infinite: the density there is 0, as a solve finds.
             lp = lp.masked_fill(torch.isinf(self.r).any(-1), -math.inf)
@@ -125,19 +127,21 @@ class Residual:
     def full(self, x: Tensor) -> Tensor:
         """Rows in the layout of ``r`` back in ``S + (k,)``."""
         if self.grouping is None:
-            return x.reshape(self.shape + x.shape[-1:])
+            return x if x.dim() == 2 and len(self.shape) == 1 else x.reshape(self.shape + x.shape[-1:])
         return self.grouping.ungroup(x)
 
     def full_scalar(self, x: Tensor) -> Tensor:
         """One number per row back in ``S``."""
         if self.grouping is None:
-            return x.reshape(self.shape)
+            return x if len(self.shape) == 1 else x.reshape(self.shape)
         return self.grouping.ungroup_scalar(x)
 
     def full_alpha(self) -> Tensor:
         r""":math:`\alpha` in ``S + (d,)``, row-major as returned to users (a float32 triangular solve from the right,
-        see ``_factor._left_solve``, leaves it column-major)."""
-        return self.full(self.alpha).contiguous()
+        see ``_factor._solve_rows``, leaves it column-major); computed once."""
+        if self._full_alpha is None:
+            self._full_alpha = self.full(self.alpha).contiguous()
+        return self._full_alpha
 
     def outer_factors(self, name: str) -> tuple[Tensor, Tensor]:
         """``(u, v)`` in the layout of ``r``: the sample-dependent term ``u v^T`` of the derivative w.r.t. ``name``."""

@@ -130,15 +130,14 @@ class CholeskyFactor(TriangularFactor):
     __slots__ = ()
 
     def half_log_det(self) -> Tensor:
-        # log|L_ii|: an unvalidated scale_tril with a negative diagonal entry still factors Sigma = L L^T (and rsample
-        # draws from it), so its log-density is finite, not NaN; 1/L_ii, the derivative, is what the gradients use.
-        return self.diagonal().abs().log().sum(-1)
+        # A Cholesky factorization's diagonal is positive.
+        return self.diagonal().log().sum(-1)
 
     def whiten(self, x: Tensor) -> Tensor:
-        return _left_solve(self.tensor, x, upper=False)
+        return _solve_rows(self.tensor, x, transpose=False)
 
     def alpha(self, z: Tensor) -> Tensor:
-        return _left_solve(self.tensor.mT, z, upper=True)
+        return _solve_rows(self.tensor, z, transpose=True)
 
     def color(self, eps: Tensor) -> Tensor:
         return eps @ self.tensor.mT
@@ -154,7 +153,7 @@ class CholeskyFactor(TriangularFactor):
 
     def precision_matrix(self) -> Tensor:
         tensor = self.tensor
-        if tensor.device.type == "cpu":
+        if tensor.is_cpu:
             # tril: cholesky_inverse reads only the lower triangle but its backward fills the upper one too.
             return torch.cholesky_inverse(tensor.tril() if tensor.requires_grad else tensor)
         # Elsewhere cholesky_inverse reads its error codes back to the host; two triangular products do not.
@@ -177,6 +176,17 @@ class CholeskyFactor(TriangularFactor):
         return ((z @ tangent.mT) * alpha).sum(-1) - self._trace_over_diagonal(tangent)
 
 
+class ScaleTril(CholeskyFactor):
+    r"""A ``scale_tril`` given by the user: with validation off its diagonal may have negative entries, and it still
+    factors :math:`\Sigma = L L^\top` (``rsample`` draws from it), so :math:`\frac12 \log\det\Sigma = \sum_i
+    \log|L_{ii}|`, finite rather than NaN; its derivative :math:`1 / L_{ii}` is what the gradients use."""
+
+    __slots__ = ()
+
+    def half_log_det(self) -> Tensor:
+        return self.diagonal().abs().log().sum(-1)
+
+
 class PrecisionFactor(TriangularFactor):
     r"""``T = L^{-1}`` with :math:`P = T^\top T`."""
 
@@ -192,7 +202,8 @@ class PrecisionFactor(TriangularFactor):
         return cls(flipped.flip((-2, -1)).mT)
 
     def half_log_det(self) -> Tensor:
-        return -self.diagonal().abs().log().sum(-1)
+        # Positive, from a Cholesky factorization (or the inverse of one).
+        return -self.diagonal().log().sum(-1)
 
     def whiten(self, x: Tensor) -> Tensor:
         return x @ self.tensor.mT
@@ -201,7 +212,7 @@ class PrecisionFactor(TriangularFactor):
         return z @ self.tensor
 
     def color(self, eps: Tensor) -> Tensor:
-        return _left_solve(self.tensor, eps, upper=False)
+        return _solve_rows(self.tensor, eps, transpose=False)
 
     def sigma_matvec(self, x: Tensor) -> Tensor:
         # Two triangular solves: Sigma = T^{-1} T^{-T} is never formed.
@@ -233,22 +244,14 @@ class PrecisionFactor(TriangularFactor):
         return self._trace_over_diagonal(tangent) - ((r @ tangent.mT) * z).sum(-1)
 
 
-def factor_of(name: str, matrix: Tensor) -> TriangularFactor:
-    """The factor of a parametrization's matrix: the matrix itself for ``scale_tril``, else one factorization."""
-    if name == "scale_tril":
-        return CholeskyFactor(matrix)
-    if name == "covariance_matrix":
-        return CholeskyFactor(cholesky(matrix, name))
-    return PrecisionFactor.of(matrix)
+def _solve_rows(tril: Tensor, x: Tensor, transpose: bool) -> Tensor:
+    r"""The rows :math:`L^{-1} x_i` (:math:`L^{-\top} x_i` with ``transpose``) for row-major ``x`` of shape
+    ``(..., c, d)``: row-major again, except on the right-solve route below, whose result is column-major (callers that
+    return it to users make it contiguous).
 
-
-def _left_solve(a: Tensor, x: Tensor, upper: bool) -> Tensor:
-    r""":math:`(A^{-1} x^\top)^\top` for row-major ``x`` of shape ``(..., c, d)``: row-major again, except on the
-    right-solve route below, whose result is column-major (callers that return it to users make it contiguous).
-
-    ``solve_triangular(A, x^T)`` hands LAPACK ``x^T``, which is column-major when ``x`` is row-major: its one
+    ``solve_triangular(L, x^T)`` hands LAPACK ``x^T``, which is column-major when ``x`` is row-major: its one
     copy into the output is a plain memory copy, and the result's transpose is row-major. Measured with torch
-    2.13's CPU build (MKL, 1 thread) on an Intel CPU: the right solve ``X A^T = x`` on row-major ``x`` costs a
+    2.13's CPU build (MKL, 1 thread) on an Intel CPU: the right solve ``X L^T = x`` on row-major ``x`` costs a
     transposing copy in and (to return row-major) another out, which made two solves 1.3x (d = 64, c = 1024) to
     2.7x (d = 64, c = 16384) slower than this in float32 and float64 alike. On an AMD EPYC CPU, where MKL takes
     other kernels, the same right solve is instead 1.7-2.3x faster than this in float32 (about even in float64),
@@ -256,14 +259,14 @@ def _left_solve(a: Tensor, x: Tensor, upper: bool) -> Tensor:
     ``d = 128``, where its errors stay within 0.8-1.5x of the left solve's; beyond, they grow with ``d`` (1.5x at
     256, 2.2x at 512, 2.8x at 1024, ``benchmarks/accuracy.py``), so larger factors keep the left solve.
     """
-    if (
-        x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and x.shape[-1] <= _RIGHT_SOLVE_MAX_D
-        and _RIGHT_SOLVE_IS_FASTER
-    ):
-        return torch.linalg.solve_triangular(a.mT, x, upper=not upper, left=False)
-    return torch.linalg.solve_triangular(a, x.mT, upper=upper).mT
+    if _RIGHT_SOLVE_IS_FASTER and x.dtype is torch.float32 and x.is_cpu and x.shape[-1] <= _RIGHT_SOLVE_MAX_D:
+        # X L^T = x, resp. X L = x
+        if transpose:
+            return torch.linalg.solve_triangular(tril, x, upper=False, left=False)
+        return torch.linalg.solve_triangular(tril.mT, x, upper=True, left=False)
+    if transpose:
+        return torch.linalg.solve_triangular(tril.mT, x.mT, upper=True).mT
+    return torch.linalg.solve_triangular(tril, x.mT, upper=False).mT
 
 
 def cpuinfo(field: str) -> str:

@@ -35,12 +35,32 @@ from ._checks import (
     quiet_under_jit_trace,
 )
 from ._derivatives import Residual, per_sample_matrix, summed_matrix
-from ._factor import CholeskyFactor, PrecisionFactor, TriangularFactor, factor_of
+from ._factor import CholeskyFactor, PrecisionFactor, ScaleTril, TriangularFactor, cholesky
 from ._shapes import broadcast_shapes, event_dims, format_shape
 
 __all__ = ["JacobianMVN"]
 
 Outputs = Union[Tensor, dict[str, Tensor]]
+
+
+class _cached:
+    """A private cache on the instance, computed on first use: torch's ``lazy_property`` (results with their graph
+    even when first asked for under ``torch.no_grad()``), without entering ``enable_grad`` where grad is enabled."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.name = fn.__name__
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if instance is None:
+            return self
+        if torch.is_grad_enabled():
+            value = self.fn(instance)
+        else:
+            with torch.enable_grad():
+                value = self.fn(instance)
+        instance.__dict__[self.name] = value
+        return value
 
 
 class JacobianMVN(pyro.distributions.MultivariateNormal):
@@ -92,7 +112,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         scale_tril: Tensor | None = None,
         validate_args: bool | None = None,
     ) -> None:
-        name, matrix = check_parameters(loc, covariance_matrix, precision_matrix, scale_tril)
+        name, matrix, batch_shape = check_parameters(loc, covariance_matrix, precision_matrix, scale_tril)
         if validate_args is None:
             validate_args = type(self)._validate_args
         if validate_args:
@@ -102,18 +122,24 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
                 _validate_parameter(name, matrix, constraints.lower_cholesky)
             elif not all_equal(matrix, matrix.mT):  # exactly symmetric, the usual case: no tolerance check
                 _validate_parameter(name, matrix, constraints.symmetric)
-        self._setup(loc, name, matrix, factor_of(name, matrix), bool(validate_args))
+        if name == "covariance_matrix":
+            factor: TriangularFactor = CholeskyFactor(cholesky(matrix, name))
+        elif name == "scale_tril":
+            factor = ScaleTril(matrix)
+        else:
+            factor = PrecisionFactor.of(matrix)
+        self._setup(loc, name, matrix, factor, bool(validate_args), batch_shape)
 
-    def _setup(self, loc: Tensor, name: str, matrix: Tensor, factor: TriangularFactor, validate_args: bool) -> None:
+    def _setup(
+        self, loc: Tensor, name: str, matrix: Tensor, factor: TriangularFactor, validate_args: bool, batch_shape: Any
+    ) -> None:
         """The state every constructor leaves: torch's attributes (``loc`` and the given matrix as views of the
         batch shape) and the unbroadcast tensors the methods compute with."""
-        batch_shape = broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
         event_shape = loc.shape[-1:]
         # What torch's Distribution.__init__ sets, with its checks done above: the rest of its MRO sets nothing.
         self._batch_shape, self._event_shape, self._validate_args = batch_shape, event_shape, validate_args
         self.loc = loc if loc.shape[:-1] == batch_shape else loc.expand(batch_shape + event_shape)
-        full = batch_shape + event_shape + event_shape
-        self.__dict__[name] = matrix if matrix.shape == full else matrix.expand(full)
+        self.__dict__[name] = matrix if matrix.shape[:-2] == batch_shape else matrix.expand(batch_shape + matrix.shape[-2:])
         self._parametrization = name
         self._unbroadcasted_loc = loc
         self._unbroadcasted_matrix = matrix
@@ -153,11 +179,11 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
             name = next(key for key in mvn.__dict__ if key in PARAMETRIZATIONS)
             matrix, loc = mvn.__dict__[name], mvn.loc
             scale_tril = mvn._unbroadcasted_scale_tril
-            factor = CholeskyFactor(scale_tril)
+            factor = ScaleTril(scale_tril) if name == "scale_tril" else CholeskyFactor(scale_tril)
             if name == "precision_matrix":
                 factor = PrecisionFactor(CholeskyFactor(scale_tril).whiten(_eye_like(scale_tril)).mT)
         new = cls.__new__(cls)
-        new._setup(loc, name, matrix, factor, bool(mvn._validate_args))
+        new._setup(loc, name, matrix, factor, bool(mvn._validate_args), broadcast_shapes(loc.shape[:-1], matrix.shape[:-2]))
         if name == "precision_matrix" and not isinstance(mvn, JacobianMVN):
             new.__dict__["_unbroadcasted_scale_tril"] = mvn._unbroadcasted_scale_tril
         return new if new.batch_shape == mvn.batch_shape else new.expand(mvn.batch_shape)
@@ -186,7 +212,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         ``"precision_matrix"`` or ``"scale_tril"``."""
         return self._parametrization
 
-    @lazy_property
+    @_cached
     def _symmetric_matrix(self) -> Tensor:
         """The given covariance or precision matrix as the factorization read it: the covariance's lower triangle or
         the precision's upper one (its factor comes from the flipped matrix), mirrored; the matrix itself when it is
@@ -197,18 +223,18 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
             return m.triu() + m.triu(1).mT
         return m.tril() + m.tril(-1).mT
 
-    @lazy_property
+    @_cached
     def _unbroadcasted_scale_tril(self) -> Tensor:
         return self._factor.scale_tril()
 
-    @lazy_property
+    @_cached
     def _unbroadcasted_sigma(self) -> Tensor:
         if self._parametrization == "covariance_matrix":
             return self._symmetric_matrix
         L = self._unbroadcasted_scale_tril
         return L @ L.mT
 
-    @lazy_property
+    @_cached
     def _unbroadcasted_sigma_inverse(self) -> Tensor:
         if self._parametrization == "precision_matrix":
             return self._symmetric_matrix
@@ -247,7 +273,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         shape = self._extended_shape(sample_shape)
         eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
         noise = Residual(eps, self._factor)
-        # contiguous: a float32 triangular solve from the right (_factor._left_solve) leaves its result column-major
+        # contiguous: a float32 triangular solve from the right (_factor._solve_rows) leaves its result column-major
         return (self.loc + noise.full(noise.factor.color(noise.r))).contiguous()
 
     @quiet_under_jit_trace
@@ -356,7 +382,16 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         else:
             if out is not None:
                 raise ValueError("out= is for reduction='none'; the summed gradients have the inputs' own shapes")
-            grads = {name: self._summed(res, name, layout, value) for name in names}
+            grads = {}
+            for name in names:
+                if name == "value":
+                    grads[name] = self._summed_value(res, value)
+                elif name == "loc":
+                    alpha = res.full_alpha()
+                    shape = self._unbroadcasted_loc.shape
+                    grads[name] = alpha if alpha.shape == shape else alpha.sum_to_size(shape)
+                else:
+                    grads[name] = self._summed_matrix(res, name, layout)
         return res.log_prob, grads
 
     @quiet_under_jit_trace
@@ -564,32 +599,33 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
     # Private helpers.
 
     def _check_value(self, value: Tensor) -> Tensor:
+        loc = self.loc
         if not isinstance(value, Tensor):
             raise ValueError(f"value must be a torch.Tensor, got {type(value).__name__}")
-        if value.dim() < 1 or value.shape[-1:] != self._event_shape:
+        shape, batch_shape = value.shape, self._batch_shape
+        if not shape or shape[-1] != self._event_shape[0]:
             raise ValueError(
-                f"value has shape {format_shape(value.shape)} but the distribution's event shape is "
+                f"value has shape {format_shape(shape)} but the distribution's event shape is "
                 f"{format_shape(self._event_shape)}: the last dimension of value must be {self._event_shape[0]}"
             )
-        if value.dim() - 1 < len(self._batch_shape) or value.shape[:-1] != self._batch_shape[-value.dim() + 1 :]:
+        if batch_shape and shape[:-1] != batch_shape:
             try:
-                broadcast_shapes(value.shape[:-1], self._batch_shape)
+                broadcast_shapes(shape[:-1], batch_shape)
             except RuntimeError:
                 raise ValueError(
-                    f"value has shape {format_shape(value.shape)}, which does not broadcast with the distribution's "
-                    f"batch_shape + event_shape {format_shape(self._batch_shape + self._event_shape)}"
+                    f"value has shape {format_shape(shape)}, which does not broadcast with the distribution's "
+                    f"batch_shape + event_shape {format_shape(batch_shape + self._event_shape)}"
                 ) from None
-        check_device("value", value, self.loc.device)
+        if value.device != loc.device:
+            check_device("value", value, loc.device)
         if self._validate_args and not is_finite(value):
             # The shape checks above and finiteness cover torch's _validate_sample (support real_vector: no NaN).
             raise ValueError(
-                f"Expected value argument (Tensor of shape {tuple(value.shape)}) to be within the support "
+                f"Expected value argument (Tensor of shape {tuple(shape)}) to be within the support "
                 f"({self.support!r}) of the distribution {self!r}, but found invalid values: value contains NaN or "
                 f"infinite entries:\n{value}"
             )
-        if value.dtype != self.loc.dtype:
-            value = value.to(self.loc.dtype)
-        return value
+        return value if value.dtype is loc.dtype else value.to(loc.dtype)
 
     def _residual(self, value: Tensor) -> Residual:
         # Sigma^{-1} for alpha only where the factor was itself computed (see _autograd.log_prob).
@@ -639,13 +675,14 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
             return (-alpha).contiguous() if name == "value" else alpha.contiguous()
         return per_sample_matrix(res, name, layout, self._constant_term(name), out)
 
-    def _summed(self, res: Residual, name: str, layout: str, value: Tensor) -> Tensor:
-        if name == "value":
-            # In the value's own dtype, as torch.autograd.grad returns it (the distribution computes in its own).
-            grad = (-res.full_alpha()).sum_to_size(value.shape)
-            return grad.to(value.dtype) if value.dtype != grad.dtype and value.dtype.is_floating_point else grad
-        if name == "loc":
-            return res.full_alpha().sum_to_size(self._unbroadcasted_loc.shape)
+    def _summed_value(self, res: Residual, value: Tensor) -> Tensor:
+        # In the value's own dtype, as torch.autograd.grad returns it (the distribution computes in its own).
+        grad = -res.full_alpha()
+        if grad.shape != value.shape:
+            grad = grad.sum_to_size(value.shape)
+        return grad if value.dtype is grad.dtype or not value.dtype.is_floating_point else grad.to(value.dtype)
+
+    def _summed_matrix(self, res: Residual, name: str, layout: str) -> Tensor:
         # The gradient w.r.t. the tensor the user passed: the parametrization's own batch shape, else batch_shape.
         batch_shape = self._unbroadcasted_matrix.shape[:-2] if name == self._parametrization else self._batch_shape
         return summed_matrix(res, name, layout, self._constant_term(name), batch_shape)

@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal, Normal, register_kl
 
 from ._checks import quiet_under_jit_trace
-from ._factor import CholeskyFactor, TriangularFactor
+from ._factor import CholeskyFactor, ScaleTril, TriangularFactor
 from ._shapes import Grouping, format_shape
 from .jacobian_mvn import JacobianMVN
 
@@ -145,7 +145,7 @@ def _view(dist):
     if isinstance(dist, JacobianMVN):
         return _TrilView(dist, dist._factor)
     if isinstance(dist, MultivariateNormal):
-        return _TrilView(dist, CholeskyFactor(dist._unbroadcasted_scale_tril))
+        return _TrilView(dist, ScaleTril(dist._unbroadcasted_scale_tril))
     if isinstance(dist, LowRankMultivariateNormal):
         return _LowRankView(dist)
     return _DiagonalView(dist)
