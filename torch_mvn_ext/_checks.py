@@ -16,6 +16,7 @@ from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
+from torch.distributions import constraints
 
 from ._shapes import broadcast_shapes, format_shape
 
@@ -104,7 +105,8 @@ def check_parameters(
     elif covariance_matrix is None and scale_tril is None and precision_matrix is not None:
         name, matrix = "precision_matrix", precision_matrix
     else:
-        given = [n for n, m in zip(PARAMETRIZATIONS, (covariance_matrix, precision_matrix, scale_tril)) if m is not None]
+        matrices = (covariance_matrix, precision_matrix, scale_tril)
+        given = [n for n, m in zip(PARAMETRIZATIONS, matrices) if m is not None]
         got = " and ".join(given) if given else "none"
         raise ValueError(f"Exactly one of covariance_matrix, precision_matrix or scale_tril must be given; got {got}")
     if isinstance(loc, Tensor) and isinstance(matrix, Tensor):
@@ -240,3 +242,53 @@ def check_allocation(shape: Sequence[int], like: Tensor, what: str) -> None:
             f"{what} has shape {format_shape(shape)} ({nbytes / 2**30:.1f} GiB in {like.dtype}), more than the "
             f"{total / 2**30:.1f} GiB of memory of device {like.device}"
         )
+
+
+def validate_parameter(name: str, value: Tensor, constraint: constraints.Constraint) -> None:
+    if not _satisfies(constraint, value):
+        raise ValueError(
+            f"Expected parameter {name} (Tensor of shape {format_shape(value.shape)}) of distribution "
+            f"JacobianMVN to satisfy the constraint {constraint!r}, but found invalid values:\n{value}"
+        )
+
+
+def _satisfies(constraint: constraints.Constraint, value: Tensor) -> bool:
+    """``constraint.check(value).all()``, with the same verdict (NaN fails) in 2-3x fewer operations for the
+    constraints checked at every construction."""
+    if constraint is constraints.lower_cholesky:
+        return all_true(value.diagonal(dim1=-2, dim2=-1).gt(0)) and all_equal(value.tril(), value)
+    if constraint is constraints.real_vector:
+        return all_true(value == value)
+    return all_true(constraint.check(value))
+
+
+def check_value(dist: Any, value: object) -> Tensor:
+    """``value`` checked as torch's ``_validate_sample`` checks it (finite too, under ``validate_args``), in the
+    distribution's dtype."""
+    loc = dist.loc
+    if not isinstance(value, Tensor):
+        raise ValueError(f"value must be a torch.Tensor, got {type(value).__name__}")
+    shape, batch_shape = value.shape, dist._batch_shape
+    if not shape or shape[-1] != dist._event_shape[0]:
+        raise ValueError(
+            f"value has shape {format_shape(shape)} but the distribution's event shape is "
+            f"{format_shape(dist._event_shape)}: the last dimension of value must be {dist._event_shape[0]}"
+        )
+    if batch_shape and shape[:-1] != batch_shape:
+        try:
+            broadcast_shapes(shape[:-1], batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"value has shape {format_shape(shape)}, which does not broadcast with the distribution's "
+                f"batch_shape + event_shape {format_shape(batch_shape + dist._event_shape)}"
+            ) from None
+    if value.device != loc.device:
+        check_device("value", value, loc.device)
+    if dist._validate_args and not is_finite(value):
+        # The shape checks above and finiteness cover torch's _validate_sample (support real_vector: no NaN).
+        raise ValueError(
+            f"Expected value argument (Tensor of shape {tuple(shape)}) to be within the support "
+            f"({dist.support!r}) of the distribution {dist!r}, but found invalid values: value contains NaN or "
+            f"infinite entries:\n{value}"
+        )
+    return value if value.dtype is loc.dtype else value.to(loc.dtype)

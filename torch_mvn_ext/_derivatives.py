@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._checks import check_allocation, check_out
 from ._factor import TriangularFactor
 from ._shapes import Grouping, vech, vech_indices, vech_weights
 
@@ -150,6 +151,56 @@ class Residual:
         if name == "precision_matrix":
             return self.r, -self.r
         return self.alpha, self.z
+
+
+def result_shape(res: Residual, name: str, layout: str) -> torch.Size:
+    """The shape of the per-sample derivative w.r.t. ``name``: ``S + (d,)``, ``S + (d, d)`` or ``S + (k,)``."""
+    d = res.r.shape[-1]
+    if name in ("value", "loc"):
+        return res.shape + (d,)
+    return res.shape + ((d * (d + 1) // 2,) if layout == "vech" else (d, d))
+
+
+def check_outs(out: object, wrt: object, names: tuple[str, ...], res: Residual, layout: str) -> dict[str, Tensor]:
+    """``out=`` of ``jacobian``/``log_prob_and_grads`` as a dict by name, each checked against its result."""
+    if out is None:
+        return {}
+    if isinstance(wrt, str):
+        outs = {wrt: out}
+    elif isinstance(out, dict):
+        unknown = [key for key in out if key not in names]
+        if unknown:
+            raise ValueError(f"out has keys {unknown} that are not in wrt {list(names)}")
+        outs = dict(out)
+    else:
+        raise ValueError(f"out for several wrt must be a dict keyed by their names; got {type(out).__name__}")
+    for name, t in outs.items():
+        shape = result_shape(res, name, layout)
+        check_allocation(shape, res.r, f"the Jacobian w.r.t. {name}")
+        check_out(t, shape, res.r, f"the Jacobian w.r.t. {name}")
+    return outs
+
+
+def per_sample(
+    res: Residual, name: str, layout: str, constant: Callable[[str], Tensor], out: Tensor | None
+) -> Tensor:
+    """The per-sample derivative w.r.t. ``name`` (``constant(name)``: its sample-independent term), into ``out``
+    when given."""
+    if name in ("value", "loc"):
+        alpha = res.full(res.alpha)
+        if out is not None:
+            return torch.neg(alpha, out=out) if name == "value" else out.copy_(alpha)
+        return (-alpha).contiguous() if name == "value" else res.full_alpha()
+    return per_sample_matrix(res, name, layout, constant(name), out)
+
+
+def summed_value(res: Residual, value: Tensor) -> Tensor:
+    """The gradient of the summed log-density w.r.t. ``value``, in the value's own dtype and shape, as
+    ``torch.autograd.grad`` returns it (the distribution computes in its own dtype)."""
+    grad = -res.full_alpha()
+    if grad.shape != value.shape:
+        grad = grad.sum_to_size(value.shape)
+    return grad if value.dtype is grad.dtype or not value.dtype.is_floating_point else grad.to(value.dtype)
 
 
 def per_sample_matrix(res: Residual, name: str, layout: str, constant: Tensor, out: Tensor | None) -> Tensor:

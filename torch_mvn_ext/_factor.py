@@ -244,6 +244,29 @@ class PrecisionFactor(TriangularFactor):
         return self._trace_over_diagonal(tangent) - ((r @ tangent.mT) * z).sum(-1)
 
 
+def factor_of_distribution(mvn: object) -> tuple[str, Tensor, Tensor, TriangularFactor]:
+    """``(name, loc, matrix, factor)`` of a torch or Pyro ``MultivariateNormal``, its factor reused: the matrix
+    argument its constructor stored (the first in its ``__dict__``; later ones are derived on demand) and its Cholesky
+    factor (for a precision, the inverse of it, one triangular solve)."""
+    if not isinstance(mvn, torch.distributions.MultivariateNormal):
+        raise ValueError(
+            f"from_distribution needs a torch.distributions.MultivariateNormal (or Pyro's); got {type(mvn).__name__}"
+        )
+    factor = getattr(mvn, "_factor", None)
+    if isinstance(factor, TriangularFactor):  # a JacobianMVN
+        return mvn._parametrization, mvn._unbroadcasted_loc, mvn._unbroadcasted_matrix, factor  # type: ignore
+    name = next(key for key in mvn.__dict__ if key in ("covariance_matrix", "precision_matrix", "scale_tril"))
+    scale_tril = mvn._unbroadcasted_scale_tril
+    if name == "scale_tril":
+        factor = ScaleTril(scale_tril)
+    elif name == "covariance_matrix":
+        factor = CholeskyFactor(scale_tril)
+    else:
+        eye = torch.eye(scale_tril.shape[-1], dtype=scale_tril.dtype, device=scale_tril.device)
+        factor = PrecisionFactor(CholeskyFactor(scale_tril).whiten(eye.expand_as(scale_tril)).mT)
+    return name, mvn.loc, mvn.__dict__[name], factor
+
+
 def _solve_rows(tril: Tensor, x: Tensor, transpose: bool) -> Tensor:
     r"""The rows :math:`L^{-1} x_i` (:math:`L^{-\top} x_i` with ``transpose``) for row-major ``x`` of shape
     ``(..., c, d)``: row-major again, except on the right-solve route below, whose result is column-major (callers that

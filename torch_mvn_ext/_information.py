@@ -8,11 +8,17 @@ output fits in the device's memory at all.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from ._checks import check_allocation
+from ._checks import WRT, check_allocation, check_choice, check_event_tensor
+from ._derivatives import Residual
 from ._shapes import vech_indices, vech_weights
+
+if TYPE_CHECKING:
+    from .jacobian_mvn import JacobianMVN
 
 # Fisher matrices are gathered in this many chunks of rows.
 _CHUNKS = 16
@@ -113,3 +119,55 @@ def symmetric_natural_gradient(m: Tensor, grad: Tensor) -> Tensor:
     r""":math:`2 M G M` for the symmetric part of ``grad``: :math:`M = \Sigma` for the covariance's coordinates,
     :math:`M = P` for the precision's (the inverse of the :func:`symmetric_fisher_vech` metric)."""
     return 2.0 * symmetrize(m @ symmetrize(grad) @ m)
+
+
+def fisher_information(dist: JacobianMVN, wrt: str, layout: str) -> Tensor:
+    """The Fisher information of each member of the factor's batch (see :meth:`JacobianMVN.fisher_information`)."""
+    if wrt == "loc":
+        return dist._unbroadcasted_sigma_inverse.clone()  # a copy: the caller may damp it in place
+    if layout == "full":
+        raise ValueError(
+            f"fisher_information(wrt={wrt!r}) needs layout='vech': in the full (d, d) layout the d^2 x d^2 "
+            f"Fisher matrix is singular (the matrix has only d*(d+1)/2 free entries)"
+        )
+    if wrt == "covariance_matrix":
+        return symmetric_fisher_vech(dist._unbroadcasted_sigma_inverse)
+    if wrt == "precision_matrix":
+        return symmetric_fisher_vech(dist._unbroadcasted_sigma)
+    return tril_fisher_vech(dist._unbroadcasted_sigma_inverse, dist._factor.inv_scale_diag())
+
+
+def natural_gradient(dist: JacobianMVN, grads: object) -> dict[str, Tensor]:
+    """The natural gradients of the Euclidean ``grads`` (see :meth:`JacobianMVN.natural_gradient`)."""
+    allowed = WRT[1:]
+    if not isinstance(grads, dict) or not grads:
+        raise ValueError(
+            f"grads must be a non-empty dict keyed by 'loc' and/or one of {', '.join(map(repr, allowed[1:]))}; "
+            f"got {type(grads).__name__}{' (empty)' if isinstance(grads, dict) else ''}"
+        )
+    for name in grads:
+        check_choice("each key of grads", name, allowed)
+    matrices = [name for name in grads if name != "loc"]
+    if len(matrices) > 1:
+        raise ValueError(
+            f"grads has gradients w.r.t. {' and '.join(matrices)}: they are coordinates of the same distribution, "
+            f"so pass the gradient w.r.t. one of them"
+        )
+    event, dtype, batch_shape, device = dist.event_shape, dist.loc.dtype, dist.batch_shape, dist.loc.device
+    out = {}
+    for name, g in grads.items():
+        key = f"grads[{name!r}]"
+        if name == "loc":
+            shape = check_event_tensor(key, g, event, batch_shape, device)
+            x = Residual(g.to(dtype).expand(shape + event), dist._factor)
+            out[name] = x.full(x.factor.sigma_matvec(x.r))
+            continue
+        shape = check_event_tensor(key, g, event + event, batch_shape, device)
+        g = g.to(dtype)
+        if name == "scale_tril":
+            nat = tril_natural_gradient(dist._unbroadcasted_scale_tril, g)
+        else:
+            m = dist._unbroadcasted_sigma if name == "covariance_matrix" else dist._unbroadcasted_sigma_inverse
+            nat = symmetric_natural_gradient(m, g)
+        out[name] = nat.expand(shape + event + event)
+    return out

@@ -23,19 +23,17 @@ from ._checks import (
     REDUCTIONS,
     WRT,
     all_equal,
-    all_true,
-    check_allocation,
     check_choice,
-    check_device,
     check_event_tensor,
-    check_out,
     check_parameters,
+    check_value,
     check_wrt,
     is_finite,
     quiet_under_jit_trace,
+    validate_parameter,
 )
-from ._derivatives import Residual, per_sample_matrix, summed_matrix
-from ._factor import CholeskyFactor, PrecisionFactor, ScaleTril, TriangularFactor, cholesky
+from ._derivatives import Residual, check_outs, per_sample, summed_matrix, summed_value
+from ._factor import CholeskyFactor, PrecisionFactor, ScaleTril, TriangularFactor, cholesky, factor_of_distribution
 from ._shapes import broadcast_shapes, event_dims, format_shape
 
 __all__ = ["JacobianMVN"]
@@ -70,14 +68,12 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
     ``dist.MultivariateNormal``, parametrized by exactly one of a covariance matrix :math:`\Sigma`, a precision
     matrix :math:`P = \Sigma^{-1}` or a lower-triangular :math:`L` with :math:`\Sigma = L L^\top`.
 
-    All methods share one triangular factor, computed once in ``__init__`` (also when ``validate_args`` is on):
-    the Cholesky factor :math:`L` of :math:`\Sigma`, or, for the precision parametrization, the lower-triangular
-    :math:`T = L^{-1}` with :math:`P = T^\top T`, so that ``log_prob``, ``entropy`` and the derivatives w.r.t.
-    ``value``, ``loc`` and ``precision_matrix``'s own terms never form :math:`\Sigma` or invert :math:`P`.
-    ``scale_tril``, ``covariance_matrix`` and ``precision_matrix`` are derived lazily, when first asked for.
-
-    Beyond :class:`~torch.distributions.MultivariateNormal` it offers :meth:`jacobian` and
-    :meth:`log_prob_and_grads`, and its ``log_prob`` backpropagates through the same closed form.
+    All methods share one triangular factor (:mod:`torch_mvn_ext._factor`), computed once in ``__init__``: the
+    Cholesky factor :math:`L` of :math:`\Sigma`, or for the precision parametrization :math:`T = L^{-1}` with
+    :math:`P = T^\top T`, so that nothing there forms :math:`\Sigma` or inverts :math:`P` unless asked for
+    ``scale_tril``, ``covariance_matrix`` (lazy, as are the other derived matrices) or a derivative that needs it.
+    Beyond :class:`~torch.distributions.MultivariateNormal` it offers :meth:`jacobian`, :meth:`log_prob_and_grads`
+    and the information geometry of the Gaussian, and its ``log_prob`` backpropagates through the closed form.
 
     Example::
 
@@ -117,11 +113,11 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
             validate_args = type(self)._validate_args
         if validate_args:
             # torch's own check factorizes the matrix a second time; the factorization below is the check.
-            _validate_parameter("loc", loc, constraints.real_vector)
+            validate_parameter("loc", loc, constraints.real_vector)
             if name == "scale_tril":
-                _validate_parameter(name, matrix, constraints.lower_cholesky)
+                validate_parameter(name, matrix, constraints.lower_cholesky)
             elif not all_equal(matrix, matrix.mT):  # exactly symmetric, the usual case: no tolerance check
-                _validate_parameter(name, matrix, constraints.symmetric)
+                validate_parameter(name, matrix, constraints.symmetric)
         if name == "covariance_matrix":
             factor: TriangularFactor = CholeskyFactor(cholesky(matrix, name))
         elif name == "scale_tril":
@@ -139,7 +135,8 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         # What torch's Distribution.__init__ sets, with its checks done above: the rest of its MRO sets nothing.
         self._batch_shape, self._event_shape, self._validate_args = batch_shape, event_shape, validate_args
         self.loc = loc if loc.shape[:-1] == batch_shape else loc.expand(batch_shape + event_shape)
-        self.__dict__[name] = matrix if matrix.shape[:-2] == batch_shape else matrix.expand(batch_shape + matrix.shape[-2:])
+        full = matrix if matrix.shape[:-2] == batch_shape else matrix.expand(batch_shape + matrix.shape[-2:])
+        self.__dict__[name] = full
         self._parametrization = name
         self._unbroadcasted_loc = loc
         self._unbroadcasted_matrix = matrix
@@ -167,25 +164,12 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         Returns:
             JacobianMVN: with the source's ``batch_shape``, ``event_shape``, parametrization and numbers.
         """
-        if not isinstance(mvn, torch.distributions.MultivariateNormal):
-            raise ValueError(
-                "from_distribution needs a torch.distributions.MultivariateNormal (or Pyro's); "
-                f"got {type(mvn).__name__}"
-            )
-        if isinstance(mvn, JacobianMVN):
-            name, matrix, factor = mvn._parametrization, mvn._unbroadcasted_matrix, mvn._factor
-            loc = mvn._unbroadcasted_loc
-        else:
-            name = next(key for key in mvn.__dict__ if key in PARAMETRIZATIONS)
-            matrix, loc = mvn.__dict__[name], mvn.loc
-            scale_tril = mvn._unbroadcasted_scale_tril
-            factor = ScaleTril(scale_tril) if name == "scale_tril" else CholeskyFactor(scale_tril)
-            if name == "precision_matrix":
-                factor = PrecisionFactor(CholeskyFactor(scale_tril).whiten(_eye_like(scale_tril)).mT)
+        name, loc, matrix, factor = factor_of_distribution(mvn)
         new = cls.__new__(cls)
-        new._setup(loc, name, matrix, factor, bool(mvn._validate_args), broadcast_shapes(loc.shape[:-1], matrix.shape[:-2]))
-        if name == "precision_matrix" and not isinstance(mvn, JacobianMVN):
-            new.__dict__["_unbroadcasted_scale_tril"] = mvn._unbroadcasted_scale_tril
+        batch_shape = broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
+        new._setup(loc, name, matrix, factor, bool(mvn._validate_args), batch_shape)
+        if name == "precision_matrix" and "_unbroadcasted_scale_tril" in mvn.__dict__:
+            new.__dict__["_unbroadcasted_scale_tril"] = mvn.__dict__["_unbroadcasted_scale_tril"]
         return new if new.batch_shape == mvn.batch_shape else new.expand(mvn.batch_shape)
 
     @quiet_under_jit_trace
@@ -290,7 +274,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         the error carries torch's "Expected value argument ... to be within the support" wording. A ``value`` of
         another floating dtype is converted to the distribution's.
         """
-        value = self._check_value(value)
+        value = check_value(self, value)
         covariance = self._unbroadcasted_matrix if self._parametrization == "covariance_matrix" else None
         return _autograd.log_prob(value - self.loc, self._factor, covariance)
 
@@ -329,6 +313,10 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
             layout (str): ``"full"`` for ``(d, d)`` matrices; ``"vech"`` for the lower triangle in
                 ``torch.tril_indices`` order (the derivative w.r.t. the unique elements of the symmetric
                 matrices, so their off-diagonal entries are doubled; ``scale_tril``'s lower triangle as is).
+            out (Tensor or dict of Tensor, optional): as torch's ``out=``: a tensor of exactly the result's shape,
+                dtype and device (a dict of them by name for several ``wrt``) that the result is written into and
+                returned as; anything else raises ``ValueError`` naming the expected shape. It saves the fresh pages
+                of large matrix results in loops over batches.
 
         Returns:
             Tensor (or dict of them): shape ``S + (d,)`` for ``"value"`` and ``"loc"``, ``S + (d, d)`` for a
@@ -339,8 +327,8 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         names = check_wrt(wrt)
         check_choice("layout", layout, LAYOUTS)
         res = self._residual(value)
-        outs = self._check_out(out, wrt, names, res, layout)
-        result = {name: self._per_sample(res, name, layout, outs.get(name)) for name in names}
+        outs = check_outs(out, wrt, names, res, layout)
+        result = {name: per_sample(res, name, layout, self._constant_term, outs.get(name)) for name in names}
         return result if not isinstance(wrt, str) else result[wrt]
 
     @quiet_under_jit_trace
@@ -366,6 +354,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
                 :func:`torch.autograd.grad` would return it. For a matrix other than the parametrization the
                 shape is ``batch_shape + (d, d)`` (``batch_shape + (d*(d+1)//2,)`` for ``layout="vech"``).
             layout (str): ``"full"`` or ``"vech"``, as in :meth:`jacobian`.
+            out (dict of Tensor, optional): for ``reduction="none"``, buffers by name as in :meth:`jacobian`.
 
         Returns:
             tuple: ``(log_prob, grads)``, ``log_prob`` of shape ``S`` and ``grads`` a dict keyed by ``wrt``.
@@ -377,15 +366,15 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         check_choice("reduction", reduction, REDUCTIONS)
         res = self._residual(value)
         if reduction == "none":
-            outs = self._check_out(out, tuple(names), names, res, layout)
-            grads = {name: self._per_sample(res, name, layout, outs.get(name)) for name in names}
+            outs = check_outs(out, tuple(names), names, res, layout)
+            grads = {name: per_sample(res, name, layout, self._constant_term, outs.get(name)) for name in names}
         else:
             if out is not None:
                 raise ValueError("out= is for reduction='none'; the summed gradients have the inputs' own shapes")
             grads = {}
             for name in names:
                 if name == "value":
-                    grads[name] = self._summed_value(res, value)
+                    grads[name] = summed_value(res, value)
                 elif name == "loc":
                     alpha = res.full_alpha()
                     shape = self._unbroadcasted_loc.shape
@@ -410,7 +399,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
             ``S = broadcast_shapes(value.shape[:-1], batch_shape)``.
         """
         check_choice("wrt", wrt, ("value", "loc"))
-        value = self._check_value(value)
+        value = check_value(self, value)
         shape = broadcast_shapes(value.shape[:-1], self._batch_shape) + self._event_shape + self._event_shape
         return (-self._unbroadcasted_sigma_inverse).expand(shape)
 
@@ -419,18 +408,10 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         r"""The Fisher information matrix of each batch member, in closed form, in the coordinates of ``wrt``.
 
         It is the covariance of the per-sample score ``jacobian(x, wrt, layout="vech")`` under ``x ~ self`` and
-        minus the expected Hessian of ``log_prob`` in those coordinates. With index pairs :math:`(i, j)`,
-        :math:`(k, l)` of the lower triangle (``torch.tril_indices`` order) and :math:`w_{ij}` = 1 on the
-        diagonal, 2 off it:
-
-        * ``"loc"``: :math:`P`;
-        * ``"covariance_matrix"``: :math:`\frac{w_{ij} w_{kl}}{4}(P_{ik}P_{jl} + P_{il}P_{jk})`, that is
-          :math:`\frac12 D^\top (P \otimes P) D` with the duplication matrix :math:`D`;
-        * ``"precision_matrix"``: the same with :math:`\Sigma` in place of :math:`P`;
-        * ``"scale_tril"``: :math:`P_{ik}\delta_{jl} + \delta_{ik}\delta_{jl}\delta_{ij} / L_{ii}^2`.
-
-        The matrices are gathered entry by entry (:math:`O(k^2)` per member), never through a
-        :math:`d^2 \times d^2` Kronecker product.
+        minus the expected Hessian of ``log_prob`` in those coordinates: :math:`P` for ``"loc"``; for the
+        matrices, in the vech coordinates, the formulas of :mod:`torch_mvn_ext._information`, gathered entry by entry
+        (never through a :math:`d^2 \times d^2` Kronecker product) into the output in chunks, after a check that it
+        fits in the device's memory (``ValueError`` otherwise).
 
         Args:
             wrt (str): ``"loc"``, ``"covariance_matrix"``, ``"precision_matrix"`` or ``"scale_tril"``.
@@ -439,42 +420,26 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
 
         Returns:
             Tensor: shape ``batch_shape + (d, d)`` for ``"loc"`` and ``batch_shape + (k, k)``,
-            ``k = d*(d+1)//2``, for a matrix (an expanded view of one matrix per member of the parameters' batch).
+            ``k = d*(d+1)//2``, for a matrix (an expanded view of one matrix per member of the parameters' batch,
+            never one the distribution holds: editing it in place changes nothing else).
         """
         check_choice("wrt", wrt, WRT[1:])
         check_choice("layout", layout, LAYOUTS)
-        if wrt == "loc":
-            info = self._unbroadcasted_sigma_inverse.clone()  # a copy: the caller may damp it in place
-        elif layout == "full":
-            raise ValueError(
-                f"fisher_information(wrt={wrt!r}) needs layout='vech': in the full (d, d) layout the d^2 x d^2 "
-                f"Fisher matrix is singular (the matrix has only d*(d+1)/2 free entries)"
-            )
-        elif wrt == "covariance_matrix":
-            info = _information.symmetric_fisher_vech(self._unbroadcasted_sigma_inverse)
-        elif wrt == "precision_matrix":
-            info = _information.symmetric_fisher_vech(self._unbroadcasted_sigma)
-        else:
-            info = _information.tril_fisher_vech(self._unbroadcasted_sigma_inverse, self._factor.inv_scale_diag())
+        info = _information.fisher_information(self, wrt, layout)
         return info.expand(self._batch_shape + info.shape[-2:])
 
     @quiet_under_jit_trace
     def natural_gradient(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
         r"""Natural gradients :math:`F^{-1} g` from Euclidean ones, in :math:`O(d^3)` per member, never forming
-        :math:`F`.
+        :math:`F`: :math:`\Sigma g` for ``"loc"`` (two triangular solves with a precision factor),
+        :math:`2 \Sigma G \Sigma` for ``"covariance_matrix"``, :math:`2 P G P` for ``"precision_matrix"`` and
+        :math:`L\,\Phi(L^\top G)`, :math:`\Phi(X) = \operatorname{tril}(X, -1) + \frac12 \operatorname{diag}(X)`, for
+        ``"scale_tril"``.
 
-        * ``"loc"``: :math:`\Sigma g` (two triangular solves for a precision-parametrized distribution);
-        * ``"covariance_matrix"``: :math:`2 \Sigma G \Sigma`;
-        * ``"precision_matrix"``: :math:`2 P G P`;
-        * ``"scale_tril"``: :math:`L\,\Phi(L^\top G)`, :math:`\Phi(X) = \operatorname{tril}(X, -1) +
-          \frac12 \operatorname{diag}(X)`.
-
-        ``G`` is the gradient in full ``(d, d)`` form, as :meth:`jacobian` or autograd returns it. Only its
-        symmetric part is a gradient in the :math:`d(d+1)/2` free coordinates of a symmetric matrix, so it is
-        symmetrized first; for ``"scale_tril"`` only its lower triangle counts. The vech of each result solves
-        ``fisher_information(name) @ vech_result = vech_gradient``, where ``vech_gradient`` is the gradient in the
-        vech coordinates (``jacobian``'s ``layout="vech"`` convention: off-diagonals of the symmetric matrices
-        doubled). The Fisher information of a Gaussian is block-diagonal in ``(loc, matrix)``, so each key is
+        ``G`` is the gradient in full ``(d, d)`` form, as :meth:`jacobian` or autograd returns it; only its symmetric
+        part (for ``"scale_tril"`` its lower triangle) is a gradient in the free coordinates, so that is what counts.
+        The vech of each result solves ``fisher_information(name) @ vech_result = vech_gradient`` (``jacobian``'s
+        ``layout="vech"`` convention). The Fisher information is block-diagonal in ``(loc, matrix)``, so each key is
         transformed on its own.
 
         Args:
@@ -486,53 +451,12 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
             dict: the same keys; shape ``broadcast_shapes(g.shape[:-1], batch_shape) + (d,)`` for ``"loc"`` and
             ``broadcast_shapes(G.shape[:-2], batch_shape) + (d, d)`` for the matrix.
         """
-        allowed = WRT[1:]
-        if not isinstance(grads, dict) or not grads:
-            raise ValueError(
-                f"grads must be a non-empty dict keyed by 'loc' and/or one of {', '.join(map(repr, allowed[1:]))}; "
-                f"got {type(grads).__name__}{' (empty)' if isinstance(grads, dict) else ''}"
-            )
-        for name in grads:
-            check_choice("each key of grads", name, allowed)
-        matrices = [name for name in grads if name != "loc"]
-        if len(matrices) > 1:
-            raise ValueError(
-                f"grads has gradients w.r.t. {' and '.join(matrices)}: they are coordinates of the same distribution, "
-                f"so pass the gradient w.r.t. one of them"
-            )
-        event, dtype = self._event_shape, self.loc.dtype
-        out = {}
-        for name, g in grads.items():
-            key = f"grads[{name!r}]"
-            if name == "loc":
-                check_event_tensor(key, g, event, self._batch_shape, self.loc.device)
-                shape = broadcast_shapes(g.shape[:-1], self._batch_shape)
-                x = Residual(g.to(dtype).expand(shape + event), self._factor)
-                out[name] = x.full(x.factor.sigma_matvec(x.r))
-                continue
-            shape = check_event_tensor(key, g, event + event, self._batch_shape, self.loc.device)
-            g = g.to(dtype)
-            if name == "scale_tril":
-                nat = _information.tril_natural_gradient(self._unbroadcasted_scale_tril, g)
-            else:
-                m = self._unbroadcasted_sigma if name == "covariance_matrix" else self._unbroadcasted_sigma_inverse
-                nat = _information.symmetric_natural_gradient(m, g)
-            out[name] = nat.expand(shape + event + event)
-        return out
+        return _information.natural_gradient(self, grads)
 
     def marginal(self, dims: Any) -> JacobianMVN:
-        r"""The distribution of ``x[..., dims]``.
-
-        Its mean is ``loc[..., dims]`` and its covariance :math:`\Sigma_{aa}` with :math:`a` = ``dims``. The result
-        is built the cheapest way the factor allows:
-
-        * ``dims`` = ``[0, 1, ..., m-1]``: the leading block of the factor is the factor of the marginal (the
-          ``scale_tril`` :math:`L_{aa}`; for a precision factor the marginal precision :math:`T_{aa}^\top T_{aa}`);
-        * otherwise, precision-parametrized: the Schur complement
-          :math:`P_{aa} - P_{ab} P_{bb}^{-1} P_{ba}` through the Cholesky factor of :math:`P_{bb}` (no inverse,
-          :math:`\Sigma` never formed), returned precision-parametrized;
-        * otherwise: ``covariance_matrix`` :math:`\Sigma_{aa}` (a sub-block of the given covariance, or
-          :math:`L_{a:} L_{a:}^\top`).
+        r"""The distribution of ``x[..., dims]``: mean ``loc[..., dims]``, covariance :math:`\Sigma_{aa}` with
+        :math:`a` = ``dims``, built the cheapest way the factor allows (:func:`torch_mvn_ext._conditioning.marginal`:
+        a block of the factor for leading ``dims``, never an inverse).
 
         Args:
             dims (sequence of int): the event indices to keep, in the order wanted, no repeats; negative indices
@@ -554,18 +478,9 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
 
         With :math:`b` = ``dims``, :math:`a` the rest and :math:`r_b = x_b - \mu_b`, the conditional is
         :math:`N(\mu_a + \Sigma_{ab}\Sigma_{bb}^{-1} r_b,\ \Sigma_{aa} - \Sigma_{ab}\Sigma_{bb}^{-1}\Sigma_{ba})
-        = N(\mu_a - P_{aa}^{-1} P_{ab} r_b,\ P_{aa}^{-1})`. Computed without any inverse:
-
-        * ``dims`` are the leading coordinates (in any order): with the factor split in blocks, the conditional's
-          factor is the trailing block of the distribution's own. ``scale_tril`` :math:`L_{aa}` and mean
-          :math:`\mu_a + L_{ab} L_{bb}^{-1} r_b`; for a precision factor the precision :math:`P_{aa} =
-          T_{aa}^\top T_{aa}` and mean :math:`\mu_a - T_{aa}^{-1} T_{ab} r_b`. No new factorization for the mean.
-        * otherwise, precision-parametrized: precision :math:`P_{aa}` (a sub-block) and the mean through a
-          Cholesky solve with :math:`P_{aa}`; :math:`\Sigma` is never formed.
-        * otherwise: the Schur complement through the Cholesky factor :math:`C` of :math:`\Sigma_{bb}`:
-          :math:`W = C^{-1}\Sigma_{ba}`, covariance :math:`\Sigma_{aa} - W^\top W` and mean
-          :math:`\mu_a + W^\top C^{-1} r_b` — the same arithmetic as a blocked Cholesky factorization of
-          :math:`\Sigma` permuted to :math:`(b, a)` order, at the cost of one :math:`O(d^3/3)` factorization.
+        = N(\mu_a - P_{aa}^{-1} P_{ab} r_b,\ P_{aa}^{-1})`, computed without any inverse
+        (:func:`torch_mvn_ext._conditioning.condition`); a precision-parametrized distribution never forms
+        :math:`\Sigma`.
 
         Args:
             dims (sequence of int): the observed event indices, no repeats; negative indices count from the end as
@@ -598,39 +513,10 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
     # ----------------------------------------------------------------------------------------------
     # Private helpers.
 
-    def _check_value(self, value: Tensor) -> Tensor:
-        loc = self.loc
-        if not isinstance(value, Tensor):
-            raise ValueError(f"value must be a torch.Tensor, got {type(value).__name__}")
-        shape, batch_shape = value.shape, self._batch_shape
-        if not shape or shape[-1] != self._event_shape[0]:
-            raise ValueError(
-                f"value has shape {format_shape(shape)} but the distribution's event shape is "
-                f"{format_shape(self._event_shape)}: the last dimension of value must be {self._event_shape[0]}"
-            )
-        if batch_shape and shape[:-1] != batch_shape:
-            try:
-                broadcast_shapes(shape[:-1], batch_shape)
-            except RuntimeError:
-                raise ValueError(
-                    f"value has shape {format_shape(shape)}, which does not broadcast with the distribution's "
-                    f"batch_shape + event_shape {format_shape(batch_shape + self._event_shape)}"
-                ) from None
-        if value.device != loc.device:
-            check_device("value", value, loc.device)
-        if self._validate_args and not is_finite(value):
-            # The shape checks above and finiteness cover torch's _validate_sample (support real_vector: no NaN).
-            raise ValueError(
-                f"Expected value argument (Tensor of shape {tuple(shape)}) to be within the support "
-                f"({self.support!r}) of the distribution {self!r}, but found invalid values: value contains NaN or "
-                f"infinite entries:\n{value}"
-            )
-        return value if value.dtype is loc.dtype else value.to(loc.dtype)
-
     def _residual(self, value: Tensor) -> Residual:
         # Sigma^{-1} for alpha only where the factor was itself computed (see _autograd.log_prob).
         sigma_inverse = self._sigma_inverse_fn if self._parametrization == "covariance_matrix" else None
-        return Residual(self._check_value(value) - self.loc, self._factor, sigma_inverse)
+        return Residual(check_value(self, value) - self.loc, self._factor, sigma_inverse)
 
     def _sigma_inverse_fn(self) -> Tensor:
         return self._unbroadcasted_sigma_inverse
@@ -642,45 +528,6 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         if name == "precision_matrix":
             return self._unbroadcasted_sigma
         return self._factor.inv_scale_diag()
-
-    def _result_shape(self, res: Residual, name: str, layout: str) -> torch.Size:
-        d = self._event_shape[0]
-        if name in ("value", "loc"):
-            return res.shape + (d,)
-        return res.shape + ((d * (d + 1) // 2,) if layout == "vech" else (d, d))
-
-    def _check_out(self, out: Any, wrt: Any, names: tuple[str, ...], res: Residual, layout: str) -> dict[str, Tensor]:
-        if out is None:
-            return {}
-        if isinstance(wrt, str):
-            outs = {wrt: out}
-        elif isinstance(out, dict):
-            unknown = [key for key in out if key not in names]
-            if unknown:
-                raise ValueError(f"out has keys {unknown} that are not in wrt {list(names)}")
-            outs = dict(out)
-        else:
-            raise ValueError(f"out for several wrt must be a dict keyed by their names; got {type(out).__name__}")
-        for name, t in outs.items():
-            shape = self._result_shape(res, name, layout)
-            check_allocation(shape, res.r, f"the Jacobian w.r.t. {name}")
-            check_out(t, shape, res.r, f"the Jacobian w.r.t. {name}")
-        return outs
-
-    def _per_sample(self, res: Residual, name: str, layout: str, out: Tensor | None) -> Tensor:
-        if name in ("value", "loc"):
-            alpha = res.full(res.alpha)
-            if out is not None:
-                return torch.neg(alpha, out=out) if name == "value" else out.copy_(alpha)
-            return (-alpha).contiguous() if name == "value" else alpha.contiguous()
-        return per_sample_matrix(res, name, layout, self._constant_term(name), out)
-
-    def _summed_value(self, res: Residual, value: Tensor) -> Tensor:
-        # In the value's own dtype, as torch.autograd.grad returns it (the distribution computes in its own).
-        grad = -res.full_alpha()
-        if grad.shape != value.shape:
-            grad = grad.sum_to_size(value.shape)
-        return grad if value.dtype is grad.dtype or not value.dtype.is_floating_point else grad.to(value.dtype)
 
     def _summed_matrix(self, res: Residual, name: str, layout: str) -> Tensor:
         # The gradient w.r.t. the tensor the user passed: the parametrization's own batch shape, else batch_shape.
@@ -695,25 +542,3 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
 
 
 _CACHED = ("_unbroadcasted_scale_tril", "_unbroadcasted_sigma", "_unbroadcasted_sigma_inverse", "_symmetric_matrix")
-
-
-def _eye_like(matrix: Tensor) -> Tensor:
-    return torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device).expand_as(matrix)
-
-
-def _validate_parameter(name: str, value: Tensor, constraint: constraints.Constraint) -> None:
-    if not _satisfies(constraint, value):
-        raise ValueError(
-            f"Expected parameter {name} (Tensor of shape {format_shape(value.shape)}) of distribution "
-            f"JacobianMVN to satisfy the constraint {constraint!r}, but found invalid values:\n{value}"
-        )
-
-
-def _satisfies(constraint: constraints.Constraint, value: Tensor) -> bool:
-    """``constraint.check(value).all()``, with the same verdict (NaN fails) in 2-3x fewer operations for the
-    constraints checked at every construction."""
-    if constraint is constraints.lower_cholesky:
-        return all_true(value.diagonal(dim1=-2, dim2=-1).gt(0)) and all_equal(value.tril(), value)
-    if constraint is constraints.real_vector:
-        return all_true(value == value)
-    return all_true(constraint.check(value))
