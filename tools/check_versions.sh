@@ -19,7 +19,7 @@
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^[^#]/p' "$0" | sed '$d; s/^# \{0,1\}//'
     exit 2
 fi
 torch_version=$1
