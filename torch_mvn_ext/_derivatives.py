@@ -108,7 +108,8 @@ class Residual:
         lp = torch.add(log_norm, torch.linalg.vecdot(z, z), alpha=-0.5)
         if self.factor.is_precision:
             # z = r T^T sums 0 * inf above T's diagonal where r is infinite: the density there is 0, as a solve finds.
-            lp = lp.masked_fill(torch.isinf(self.r).any(-1), -math.inf)
+            # The row sums are infinite exactly there (a NaN stays NaN): one pass over r, not an elementwise test.
+            lp = torch.where(torch.isinf(self.r.sum(-1)), -math.inf, lp)
         return self.full_scalar(lp)
 
     def flat(self, matrix: Tensor) -> Tensor:
