@@ -121,6 +121,8 @@ FLOOR_TARGETS = [
 MEMORY_TARGETS = [
     ("memory", "ours_scale_tril", 64, 1024, 1.5),
     ("memory", "ours_cov", 64, 1024, 1.5),
+    ("memory", "ours_cov_vech", 64, 1024, 1.5),
+    ("memory", "ours_scale_tril_vech", 64, 1024, 1.5),
 ]
 
 
@@ -563,6 +565,10 @@ def run_memory(inp, args):
         "vmap_grad_scale_tril": _vmap_grad(inp, "scale_tril"),
         "ours_cov": lambda: JacobianMVN(loc, covariance_matrix=cov).jacobian(x, "covariance_matrix"),
         "vmap_grad_cov": _vmap_grad(inp, "covariance_matrix"),
+        "ours_cov_vech": lambda: JacobianMVN(loc, covariance_matrix=cov).jacobian(
+            x, "covariance_matrix", layout="vech"
+        ),
+        "ours_scale_tril_vech": lambda: JacobianMVN(loc, scale_tril=tril).jacobian(x, "scale_tril", layout="vech"),
     }
     rows = []
     for name, fn in fns.items():
@@ -863,7 +869,7 @@ def parse_args(argv=None):
         "--compiled-sizes", nargs="+", default=None, help="dxN points of the compiled case (default 8x1 64x1024)"
     )
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled case")
-    p.add_argument("--out-batch", type=int, default=256, help="points per batch in the out_buffer case")
+    p.add_argument("--out-batch", type=int, default=4096, help="points per batch in the out_buffer case")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
