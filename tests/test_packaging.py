@@ -88,18 +88,20 @@ def test_installed_wheel_imports_outside_the_source_tree(wheel, tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    purelib = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    # torch and Pyro from the running environment, after the new environment's own site-packages.
-    running = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]])
-    (pathlib.Path(purelib) / "running_env.pth").write_text("\n".join(running) + "\n")
-
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     install = [str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)]
     result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+    # Then torch and Pyro from the running environment, after the new environment's own site-packages. Only after
+    # the install: with the running environment visible, pip would take a torch_mvn_ext installed there (as in CI)
+    # for this one and install nothing.
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True, env=env,
+    ).stdout.strip()
+    running = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]])
+    (pathlib.Path(purelib) / "running_env.pth").write_text("\n".join(running) + "\n")
 
     workdir = tmp_path / "elsewhere"  # outside the source tree, so nothing is imported from the checkout
     workdir.mkdir()
