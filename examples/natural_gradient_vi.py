@@ -105,7 +105,23 @@ def report_steps(name, trace, target, what):
     return step
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or an exit that says how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(
+            "--plot needs matplotlib, which is not installed: pip install matplotlib "
+            '(or, in a clone of torch_mvn_ext, its plot extra: pip install -e ".[plot]")'
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def main(args):
+    plt = pyplot() if args.plot else None  # before the optimization, so a missing matplotlib fails at once
     torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
     x, y, w_true = make_data(args.num_data, args.dim, args.seed)
@@ -132,12 +148,7 @@ def main(args):
     print(f"true weights:                     {w_true.numpy().round(3)}")
     print(f"max |Sigma_NG - Sigma_Adam| = {(ng_q.covariance_matrix - adam_q.covariance_matrix).abs().max():.2e}")
 
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(range(len(adam_trace)), adam_trace, label=f"Adam (lr {args.lr})")
         ax.plot(range(len(ng_trace)), ng_trace, "o-", label=f"natural gradient (step {args.step_size})")

@@ -40,6 +40,7 @@ def test_backward_matches_torch(parametrization, assert_close):
         assert_close(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_gradcheck_and_gradgradcheck(parametrization):
     x, loc, m = inputs(parametrization, x_shape=(2, 1, 3, D))
@@ -165,6 +166,7 @@ def test_validation_under_vmap_still_rejects_bad_members(parametrization):
         vmap(lambda mm: JacobianMVN(loc, **{parametrization: mm}, validate_args=True).log_prob(x))(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings(TORCH_COMPILE_FUNCTION_WARNING)
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_torch_compile_fullgraph(parametrization, assert_close):

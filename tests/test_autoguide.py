@@ -117,6 +117,7 @@ def test_svi_trajectory_matches_auto_multivariate_normal(elbo, assert_close):
         assert_close(params[name], ref_params[name])
 
 
+@pytest.mark.slow
 def test_recovers_the_exact_posterior():
     problem = ConjugateGaussian(d=D)
     exact_mean, exact_cov = problem.posterior()

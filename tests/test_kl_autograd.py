@@ -30,6 +30,7 @@ def test_gradients_match_autograd_through_dense_reference(p_kind, q_kind, assert
         assert_close(_comparable(name, a), _comparable(name, b))
 
 
+@pytest.mark.slow
 def test_compile_fullgraph(assert_close):
     """One graph, no break, for a function that builds the distributions and takes their KL divergences.
 

@@ -114,6 +114,7 @@ def test_exact_construction():
     assert abs((eig.max() / eig.min()).log2().item() - 30) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parametrization", ["scale_tril", "covariance_matrix"])
 def test_large_float32_factors_keep_the_left_solve(monkeypatch, parametrization):
     """On CPUs where float32 solves run from the right (faster, but less accurate as ``d`` grows: 2.2x torch's

@@ -15,6 +15,9 @@ from pyro_models import ConjugateGaussian, full_rank_guide
 
 from torch_mvn_ext import JacobianMVN
 
+# Each runs a full SVI optimization or MCMC chain (10-30 s each on a 2-core machine).
+pytestmark = pytest.mark.slow
+
 D = 2
 JIT_DEPRECATION = "ignore:`torch.jit.trace` is deprecated:DeprecationWarning"
 SVI_STEPS = 500
