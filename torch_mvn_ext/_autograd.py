@@ -87,13 +87,12 @@ class LogProb(torch.autograd.Function):
         weights = res.group(grad.unsqueeze(-1))
         needs_r, needs_tensor, needs_covariance = ctx.needs_input_grad[:3]
         grad_r = grad_tensor = grad_covariance = None
-        weighted_alpha = None
-        if needs_r or not res.factor.is_precision:
-            weighted_alpha = weights * res.alpha
-        if needs_r:
+        # A precision factor's own gradient needs no alpha: it is formed only where something reads it.
+        weighted_alpha = weights * res.alpha if needs_r or not res.factor.is_precision else None
+        if needs_r and weighted_alpha is not None:
             grad_r = res.full(weighted_alpha).neg()
         if ctx.from_covariance and not (differentiable or _transforms_active()):
-            if needs_covariance:
+            if needs_covariance and weighted_alpha is not None:
                 grad_covariance = _covariance_gradient(res, weights, weighted_alpha)
         elif needs_tensor:
             # Through the factor and torch's Cholesky backward: a first-order gradient that torch.func and double
@@ -104,7 +103,7 @@ class LogProb(torch.autograd.Function):
         return grad_r, grad_tensor, grad_covariance, None
 
     @classmethod
-    def apply(cls, *args: Any) -> Any:  # type: ignore[override]
+    def apply(cls, *args: Any) -> Any:
         # Function.apply first binds the arguments to forward's signature with inspect (tens of microseconds a
         # call, which count when log_prob scores a few points in every HMC step); forward's arguments are all
         # positional without defaults, so that binding is the identity, and the eager path goes straight to the

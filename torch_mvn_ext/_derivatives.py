@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,8 +41,10 @@ class Residual:
     Built from differentiable operations only, so it also serves double backward.
     """
 
-    __slots__ = ("shape", "grouping", "factor", "r", "c", "_z", "_alpha", "_gemm_alpha", "_sigma_inverse_fn")
-    __slots__ += ("_sigma_inverse", "_full_alpha")
+    __slots__ = (
+        *("shape", "grouping", "factor", "r", "c"),
+        *("_z", "_alpha", "_gemm_alpha", "_sigma_inverse_fn", "_sigma_inverse", "_full_alpha"),
+    )
 
     def __init__(
         self,
@@ -167,7 +170,7 @@ def check_outs(out: object, wrt: object, names: tuple[str, ...], res: Residual, 
     if out is None:
         return {}
     if isinstance(wrt, str):
-        outs = {wrt: out}
+        outs: dict[str, Any] = {wrt: out}
     elif isinstance(out, dict):
         unknown = [key for key in out if key not in names]
         if unknown:

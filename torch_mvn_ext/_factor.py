@@ -111,9 +111,11 @@ class TriangularFactor:
         :math:`u^\top v` of :meth:`gradient_terms` and ``count`` :math:`= \sum_s g_s` (shape ``B + (1,)``)."""
         raise NotImplementedError
 
-    def gradient_terms(self, weights: Tensor, weighted_alpha: Tensor, z: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    def gradient_terms(
+        self, weights: Tensor, weighted_alpha: Tensor | None, z: Tensor, r: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """The per-sample row vectors ``(u, v)`` whose outer products :meth:`gradient` sums, ``u`` weighted by
-        :math:`g_s` (``weighted_alpha`` is :math:`g_s \alpha_s`)."""
+        :math:`g_s` (``weighted_alpha`` is :math:`g_s \alpha_s`, for a :class:`CholeskyFactor`)."""
         raise NotImplementedError
 
     def jvp(self, tangent: Tensor, alpha: Tensor, z: Tensor, r: Tensor) -> Tensor:
@@ -169,7 +171,10 @@ class CholeskyFactor(TriangularFactor):
         # d log p / dL = tril(alpha z^T) - diag(1 / L_ii)
         return torch.tril(u.mT @ v) - torch.diag_embed(count * self.inv_scale_diag())
 
-    def gradient_terms(self, weights: Tensor, weighted_alpha: Tensor, z: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    def gradient_terms(
+        self, weights: Tensor, weighted_alpha: Tensor | None, z: Tensor, r: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        assert weighted_alpha is not None, "formed for every Cholesky factor"
         return weighted_alpha, z
 
     def jvp(self, tangent: Tensor, alpha: Tensor, z: Tensor, r: Tensor) -> Tensor:
@@ -237,7 +242,9 @@ class PrecisionFactor(TriangularFactor):
         # d log p / dT = -tril(z r^T) + diag(1 / T_ii)
         return torch.diag_embed(count / self.diagonal()) - torch.tril(u.mT @ v)
 
-    def gradient_terms(self, weights: Tensor, weighted_alpha: Tensor, z: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    def gradient_terms(
+        self, weights: Tensor, weighted_alpha: Tensor | None, z: Tensor, r: Tensor
+    ) -> tuple[Tensor, Tensor]:
         return weights * z, r
 
     def jvp(self, tangent: Tensor, alpha: Tensor, z: Tensor, r: Tensor) -> Tensor:

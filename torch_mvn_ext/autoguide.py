@@ -1,5 +1,7 @@
 r"""A Pyro autoguide whose joint posterior over all latent variables is a :class:`~torch_mvn_ext.JacobianMVN`."""
 
+from typing import Any
+
 from pyro.infer.autoguide import AutoMultivariateNormal
 
 from .jacobian_mvn import JacobianMVN
@@ -36,7 +38,7 @@ class AutoJacobianMVN(AutoMultivariateNormal):
         init_scale (float): initial standard deviation of each unconstrained latent variable; must be > 0.
     """
 
-    def get_posterior(self, *args, **kwargs):
+    def get_posterior(self, *args: Any, **kwargs: Any) -> JacobianMVN:
         r"""The guide's posterior over the unconstrained latent vector.
 
         Returns:

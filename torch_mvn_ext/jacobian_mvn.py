@@ -14,7 +14,7 @@ import pyro.distributions
 import torch
 from torch import Tensor
 from torch.distributions import constraints
-from torch.distributions.utils import _standard_normal, lazy_property
+from torch.distributions.utils import lazy_property
 
 from . import _autograd, _conditioning, _information
 from ._checks import (
@@ -36,9 +36,18 @@ from ._derivatives import Residual, check_outs, per_sample, summed_matrix, summe
 from ._factor import CholeskyFactor, PrecisionFactor, ScaleTril, TriangularFactor, cholesky, factor_of_distribution
 from ._shapes import broadcast_shapes, event_dims, format_shape
 
+try:  # torch's private sampler of its MVN: torch.randn, or normal_ on a fresh tensor under torch.jit.trace
+    from torch.distributions.utils import _standard_normal
+except ImportError:  # another torch layout: the public equivalent
+
+    def _standard_normal(shape: Any, dtype: Any, device: Any) -> Tensor:  # type: ignore[misc]
+        return torch.randn(shape, dtype=dtype, device=device)
+
+
 __all__ = ["JacobianMVN"]
 
 Outputs = Union[Tensor, dict[str, Tensor]]
+_size = Union[torch.Size, list[int], tuple[int, ...]]
 
 
 class _cached:
@@ -155,8 +164,8 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
 
             >>> mvn = torch.distributions.MultivariateNormal(torch.zeros(2), covariance_matrix=torch.eye(2))
             >>> JacobianMVN.from_distribution(mvn).jacobian(torch.ones(2), "covariance_matrix")
-            tensor([[ 0.0000,  0.5000],
-                    [ 0.5000,  0.0000]])
+            tensor([[0.0000, 0.5000],
+                    [0.5000, 0.0000]])
 
         Args:
             mvn (torch.distributions.MultivariateNormal): the source (any subclass, Pyro's included).
@@ -173,7 +182,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         return new if new.batch_shape == mvn.batch_shape else new.expand(mvn.batch_shape)
 
     @quiet_under_jit_trace
-    def expand(self, batch_shape: torch.Size, _instance: Any = None) -> JacobianMVN:
+    def expand(self, batch_shape: _size, _instance: Any = None) -> JacobianMVN:
         new = self._get_checked_instance(JacobianMVN, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
@@ -253,7 +262,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         return var.expand(self._batch_shape + self._event_shape)
 
     @quiet_under_jit_trace
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
+    def rsample(self, sample_shape: _size = torch.Size()) -> Tensor:
         shape = self._extended_shape(sample_shape)
         eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
         noise = Residual(eps, self._factor)

@@ -32,15 +32,30 @@ dynamo cannot trace, for any registration; once a pair has been called eagerly t
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
-from pyro.distributions.kl import _kl_independent_mvn
 from torch import Tensor
-from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal, Normal, register_kl
+from torch.distributions import (
+    Distribution,
+    Independent,
+    LowRankMultivariateNormal,
+    MultivariateNormal,
+    Normal,
+    register_kl,
+)
 
 from ._checks import quiet_under_jit_trace
 from ._factor import CholeskyFactor, ScaleTril, TriangularFactor
 from ._shapes import Grouping, format_shape
 from .jacobian_mvn import JacobianMVN
+
+try:  # Pyro's private rule for (Independent, MultivariateNormal), which the pair below shadows
+    from pyro.distributions.kl import _kl_independent_mvn
+except ImportError:  # another Pyro layout: what the rule gives for bases it does not know
+
+    def _kl_independent_mvn(p: Independent, q: MultivariateNormal) -> Tensor:
+        raise NotImplementedError(f"kl_divergence(Independent({type(p.base_dist).__name__}), {type(q).__name__})")
 
 __all__ = []
 
@@ -81,7 +96,7 @@ class _LowRankView:
     r""":math:`\Sigma = W W^\top + \operatorname{diag}(D)` with the Cholesky factor ``C`` of the capacitance
     :math:`I + W^\top D^{-1} W` that :class:`~torch.distributions.LowRankMultivariateNormal` holds."""
 
-    def __init__(self, dist):
+    def __init__(self, dist: LowRankMultivariateNormal) -> None:
         self.loc = dist.loc
         self.cov_factor = dist._unbroadcasted_cov_factor
         self.diagonal = dist._unbroadcasted_cov_diag
@@ -93,10 +108,10 @@ class _LowRankView:
         return self.capacitance.half_log_det() + 0.5 * self.diagonal.log().sum(-1)
 
     @property
-    def rows(self):
+    def rows(self) -> Tensor:
         return self.cov_factor.mT
 
-    def quad(self, x):
+    def quad(self, x: Tensor) -> Tensor:
         r"""Woodbury: :math:`\Sigma^{-1} = D^{-1} - D^{-1} W (C C^\top)^{-1} W^\top D^{-1}`, so the quadratic form is
         :math:`\sum_i \|D^{-1/2} x_i\|^2 - \|C^{-1} W^\top D^{-1} x_i\|^2`."""
         y = x / self.diagonal.unsqueeze(-2)
@@ -110,23 +125,23 @@ class _LowRankView:
 class _DiagonalView:
     r""":math:`\Sigma = \operatorname{diag}(\sigma^2)`, from ``Independent(Normal(loc, scale), 1)``."""
 
-    def __init__(self, dist):
+    def __init__(self, dist: Independent) -> None:
         self.loc = dist.base_dist.loc
         self.scale = dist.base_dist.scale
         self.rows = None
 
     @property
-    def half_log_det(self):
+    def half_log_det(self) -> Tensor:
         return self.scale.log().sum(-1)
 
     @property
-    def diagonal(self):
+    def diagonal(self) -> Tensor:
         return self.scale.pow(2)
 
-    def quad(self, x):
+    def quad(self, x: Tensor) -> Tensor:
         return (x / self.scale.unsqueeze(-2)).pow(2).sum((-2, -1))
 
-    def precision_diagonal(self):
+    def precision_diagonal(self) -> Tensor:
         return self.scale.pow(-2)
 
 
@@ -141,21 +156,21 @@ def _whitened_sq_norm(factor: TriangularFactor, x: Tensor) -> Tensor:
     return g.ungroup(z.pow(2).sum(-1, keepdim=True)).sum((-2, -1))
 
 
-def _view(dist):
+def _view(dist: Distribution) -> _TrilView | _LowRankView | _DiagonalView:
     if isinstance(dist, JacobianMVN):
         return _TrilView(dist, dist._factor)
     if isinstance(dist, MultivariateNormal):
         return _TrilView(dist, ScaleTril(dist._unbroadcasted_scale_tril))
     if isinstance(dist, LowRankMultivariateNormal):
         return _LowRankView(dist)
-    return _DiagonalView(dist)
+    return _DiagonalView(cast(Independent, dist))  # Independent(Normal, 1): the rules below dispatch only those
 
 
-def _is_diagonal_normal(dist):
+def _is_diagonal_normal(dist: Independent) -> bool:
     return isinstance(dist.base_dist, Normal) and dist.reinterpreted_batch_ndims == 1
 
 
-def _check_shapes(p, q):
+def _check_shapes(p: Distribution, q: Distribution) -> None:
     if p.event_shape != q.event_shape:
         raise ValueError(
             f"kl_divergence(p, q) needs equal event shapes, but p ({type(p).__name__}) has event_shape "
@@ -171,7 +186,7 @@ def _check_shapes(p, q):
 
 
 @quiet_under_jit_trace
-def _kl(p, q):
+def _kl(p: Distribution, q: Distribution) -> Tensor:
     _check_shapes(p, q)
     vp, vq = _view(p), _view(q)
     d = p.event_shape[0]
@@ -191,12 +206,12 @@ def _kl(p, q):
 @register_kl(MultivariateNormal, JacobianMVN)
 @register_kl(JacobianMVN, LowRankMultivariateNormal)
 @register_kl(LowRankMultivariateNormal, JacobianMVN)
-def _kl_gaussian_gaussian(p, q):
+def _kl_gaussian_gaussian(p: Distribution, q: Distribution) -> Tensor:
     return _kl(p, q)
 
 
 @register_kl(JacobianMVN, Independent)
-def _kl_jacobianmvn_independent(p, q):
+def _kl_jacobianmvn_independent(p: JacobianMVN, q: Independent) -> Tensor:
     if not _is_diagonal_normal(q):
         raise NotImplementedError(
             f"kl_divergence(JacobianMVN, Independent) is implemented for Independent(Normal, 1); got "
@@ -206,7 +221,7 @@ def _kl_jacobianmvn_independent(p, q):
 
 
 @register_kl(Independent, JacobianMVN)
-def _kl_independent_jacobianmvn(p, q):
+def _kl_independent_jacobianmvn(p: Independent, q: JacobianMVN) -> Tensor:
     if not _is_diagonal_normal(p):
         # Pyro's rule for (Independent, MultivariateNormal), which this pair shadows: a Delta base, or
         # NotImplementedError.
