@@ -52,12 +52,12 @@ else
     rm -rf "$venv"
     "$python" -m venv "$venv"
     start=$(date +%s)
-    echo "== installing torch==$torch_version pyro-ppl==$pyro_version $numpy_req pytest hypothesis scipy (log: $log.install.log)"
+    echo "== installing torch==$torch_version pyro-ppl==$pyro_version $numpy_req pytest hypothesis scipy setuptools (log: $log.install.log)"
     # One resolver run, so that numpy, scipy and torch agree. pyro-ppl's own dependencies (opt_einsum, tqdm,
     # pyro-api) come with it; its torch requirement is satisfied by the pinned torch.
     if ! "$venv/bin/python" -m pip install --progress-bar off \
         "torch==$torch_version" "pyro-ppl==$pyro_version" "$numpy_req" \
-        "pytest>=7" "hypothesis>=6" "scipy>=1.9" >"$log.install.log" 2>&1; then
+        "pytest>=8" "hypothesis>=6" "scipy>=1.9" "setuptools>=77" >"$log.install.log" 2>&1; then
         tail -n 30 "$log.install.log"
         echo "== install failed"
         exit 3
