@@ -742,7 +742,8 @@ def _fmt(v, digits=1):
 def markdown(results, targets, meta, skipped):
     lines = [
         "Speedup = median time of the baseline / median time of torch_mvn_ext (> 1: torch_mvn_ext is faster). "
-        "library / floor = median time of torch_mvn_ext (the row's variant) / median time of the hand-written "
+        "library / floor = median time of torch_mvn_ext without validation (on the rows of the unvalidated or "
+        "compiled library) / median time of the hand-written "
         "closed form (> 1: torch_mvn_ext is slower than the floor).",
         "",
         f"Machine: {meta['machine']}, device {meta['device']}; torch {meta['torch']}, {meta['threads']} threads; "
@@ -922,6 +923,8 @@ def main(argv=None):
     text = markdown(results, targets, meta, skipped)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
+    with open(os.path.join(args.out, "results.rst"), "w") as f:
+        f.write(markdown_to_rst(text))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"meta": meta, "results": results, "targets": targets, "skipped": skipped}, f, indent=1)
     print()
@@ -930,6 +933,37 @@ def main(argv=None):
         print(f"plot: {os.path.join(args.out, 'speedups.png')}")
     print(f"results: {args.out} ({meta['seconds']} s)")
     return 0
+
+
+def markdown_to_rst(text):
+    """The report in reStructuredText, for the reference (``docs/performance.rst`` includes it): ``#`` headings become
+    rubrics, pipe tables list-tables, other lines stay as they are."""
+    out, table = [], []
+
+    def flush():
+        if not table:
+            return
+        rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table]
+        rows = [r for r in rows if not all(set(c) <= set("-: ") for c in r)]  # the separator row
+        out.extend(["", ".. list-table::", "   :header-rows: 1", ""])
+        empty = "\\"  # an empty cell
+        for row in rows:
+            cells = [cell.replace("`", "``") or empty for cell in row]
+            out.extend(f"   {'*' if i == 0 else ' '} - {cell}" for i, cell in enumerate(cells))
+        out.append("")
+        table.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("#"):
+            out.extend(["", f".. rubric:: {line.lstrip('#').strip()}", ""])
+        else:
+            out.append(line.replace("`", "``").replace("````", "``"))
+    flush()
+    return "\n".join(out).strip() + "\n"
 
 
 if __name__ == "__main__":
