@@ -41,11 +41,6 @@ class Residual:
     Built from differentiable operations only, so it also serves double backward.
     """
 
-    __slots__ = (
-        *("shape", "grouping", "factor", "r", "c"),
-        *("_z", "_alpha", "_gemm_alpha", "_sigma_inverse_fn", "_sigma_inverse", "_full_alpha"),
-    )
-
     def __init__(
         self,
         r: Tensor,

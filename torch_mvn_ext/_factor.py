@@ -46,7 +46,6 @@ def cholesky(matrix: Tensor, name: str) -> Tensor:
 class TriangularFactor:
     """A lower-triangular ``tensor`` of shape ``B + (d, d)`` and the operations with it (see the module docstring)."""
 
-    __slots__ = ("tensor",)
     is_precision = False
 
     def __init__(self, tensor: Tensor) -> None:
@@ -129,7 +128,6 @@ class TriangularFactor:
 class CholeskyFactor(TriangularFactor):
     r"""``L`` with :math:`\Sigma = L L^\top`."""
 
-    __slots__ = ()
 
     def half_log_det(self) -> Tensor:
         # A Cholesky factorization's diagonal is positive.
@@ -186,7 +184,6 @@ class ScaleTril(CholeskyFactor):
     factors :math:`\Sigma = L L^\top` (``rsample`` draws from it), so :math:`\frac12 \log\det\Sigma = \sum_i
     \log|L_{ii}|`, finite rather than NaN; its derivative :math:`1 / L_{ii}` is what the gradients use."""
 
-    __slots__ = ()
 
     def half_log_det(self) -> Tensor:
         return self.diagonal().abs().log().sum(-1)
@@ -195,7 +192,6 @@ class ScaleTril(CholeskyFactor):
 class PrecisionFactor(TriangularFactor):
     r"""``T = L^{-1}`` with :math:`P = T^\top T`."""
 
-    __slots__ = ()
     is_precision = True
 
     @classmethod

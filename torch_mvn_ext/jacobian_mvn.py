@@ -145,7 +145,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         self._batch_shape, self._event_shape, self._validate_args = batch_shape, event_shape, validate_args
         self.loc = loc if loc.shape[:-1] == batch_shape else loc.expand(batch_shape + event_shape)
         full = matrix if matrix.shape[:-2] == batch_shape else matrix.expand(batch_shape + matrix.shape[-2:])
-        self.__dict__[name] = full
+        setattr(self, name, full)  # lazy_property has no setter: the instance's own attribute, as torch sets it
         self._parametrization = name
         self._unbroadcasted_loc = loc
         self._unbroadcasted_matrix = matrix
