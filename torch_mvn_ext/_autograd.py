@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ._checks import _transforms_active
 from ._derivatives import Residual
-from ._factor import TriangularFactor
+from ._factor import KINDS, TriangularFactor
 
 
 def _covariance_gradient(res: Residual, weights: Tensor, weighted_alpha: Tensor) -> Tensor:
@@ -47,7 +47,8 @@ def _residual(r: Tensor, factor: TriangularFactor, from_covariance: bool, z: Ten
 
 
 class LogProb(torch.autograd.Function):
-    """``log_prob`` of the residual ``r`` under the triangular factor ``tensor`` of kind ``kind``.
+    """``log_prob`` of the residual ``r`` under the triangular factor ``tensor`` of kind ``kind`` (a key of
+    :data:`~torch_mvn_ext._factor.KINDS`).
 
     ``covariance``: for the covariance parametrization, the matrix ``tensor`` was computed from. A first-order
     backward returns its gradient directly and none for ``tensor`` (whose dependence on it the formula accounts for),
@@ -61,8 +62,8 @@ class LogProb(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(r: Tensor, tensor: Tensor, covariance: Tensor | None, kind: type[TriangularFactor]) -> Any:
-        res = Residual(r, kind(tensor))
+    def forward(r: Tensor, tensor: Tensor, covariance: Tensor | None, kind: str) -> Any:
+        res = Residual(r, KINDS[kind](tensor))
         return res.log_prob, res.z
 
     @staticmethod
@@ -83,7 +84,7 @@ class LogProb(torch.autograd.Function):
         r, tensor, z = ctx.saved_tensors
         differentiable = torch.is_grad_enabled()
         # create_graph=True (double backward): z is rebuilt differentiably from r.
-        res = _residual(r, ctx.kind(tensor), ctx.from_covariance, z=None if differentiable else z)
+        res = _residual(r, KINDS[ctx.kind](tensor), ctx.from_covariance, z=None if differentiable else z)
         weights = res.group(grad.unsqueeze(-1))
         needs_r, needs_tensor, needs_covariance = ctx.needs_input_grad[:3]
         grad_r = grad_tensor = grad_covariance = None
@@ -134,7 +135,7 @@ class LogProbWithJvp(LogProb):
     @staticmethod
     def jvp(ctx: Any, t_r: Tensor | None, t_tensor: Tensor | None, _t_covariance: Any, _kind: Any) -> Any:
         r, tensor, z = ctx.saved_tensors
-        res = _residual(r, ctx.kind(tensor), ctx.from_covariance, z=z)
+        res = _residual(r, KINDS[ctx.kind](tensor), ctx.from_covariance, z=z)
         out = torch.zeros(res.r.shape[:-1], dtype=z.dtype, device=z.device)
         if t_r is not None:
             out = out - (res.alpha * res.group(t_r)).sum(-1)
@@ -160,5 +161,5 @@ def log_prob(r: Tensor, factor: TriangularFactor, covariance: Tensor | None = No
         covariance = None
     if torch.is_grad_enabled() and (r.requires_grad or tensor.requires_grad):
         function = LogProb if torch.compiler.is_compiling() else LogProbWithJvp
-        return function.apply(r, tensor, covariance, type(factor))[0]
+        return function.apply(r, tensor, covariance, factor.kind)[0]
     return Residual(r, factor).log_prob

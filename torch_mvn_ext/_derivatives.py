@@ -63,7 +63,7 @@ class Residual:
         self._z = z
         self._alpha: Tensor | None = None
         self._gemm_alpha = sigma_inverse is not None
-        self._sigma_inverse_fn = sigma_inverse or factor.precision_matrix
+        self._sigma_inverse_fn = sigma_inverse if sigma_inverse is not None else factor.precision_matrix
         self._sigma_inverse: Tensor | None = None
         self._full_alpha: Tensor | None = None
 

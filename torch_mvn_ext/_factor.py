@@ -47,6 +47,7 @@ class TriangularFactor:
     """A lower-triangular ``tensor`` of shape ``B + (d, d)`` and the operations with it (see the module docstring)."""
 
     is_precision = False
+    kind = ""  # its key in KINDS
 
     def __init__(self, tensor: Tensor) -> None:
         self.tensor = tensor
@@ -55,9 +56,13 @@ class TriangularFactor:
     def batch_shape(self) -> torch.Size:
         return self.tensor.shape[:-2]
 
+    def like(self, tensor: Tensor) -> TriangularFactor:
+        """A factor of the same kind holding ``tensor``."""
+        return KINDS[self.kind](tensor)
+
     def flat(self, grouping: Grouping) -> TriangularFactor:
         """The same factor laid out as ``(b, d, d)`` for ``grouping`` (see :class:`~torch_mvn_ext._shapes.Grouping`)."""
-        return type(self)(grouping.flat_matrix(self.tensor))
+        return self.like(grouping.flat_matrix(self.tensor))
 
     def diagonal(self) -> Tensor:
         return self.tensor.diagonal(dim1=-2, dim2=-1)
@@ -128,6 +133,8 @@ class TriangularFactor:
 class CholeskyFactor(TriangularFactor):
     r"""``L`` with :math:`\Sigma = L L^\top`."""
 
+    kind = "cholesky"
+
 
     def half_log_det(self) -> Tensor:
         # A Cholesky factorization's diagonal is positive.
@@ -184,6 +191,8 @@ class ScaleTril(CholeskyFactor):
     factors :math:`\Sigma = L L^\top` (``rsample`` draws from it), so :math:`\frac12 \log\det\Sigma = \sum_i
     \log|L_{ii}|`, finite rather than NaN; its derivative :math:`1 / L_{ii}` is what the gradients use."""
 
+    kind = "scale_tril"
+
 
     def half_log_det(self) -> Tensor:
         return self.diagonal().abs().log().sum(-1)
@@ -193,6 +202,7 @@ class PrecisionFactor(TriangularFactor):
     r"""``T = L^{-1}`` with :math:`P = T^\top T`."""
 
     is_precision = True
+    kind = "precision"
 
     @classmethod
     def of(cls, precision_matrix: Tensor) -> PrecisionFactor:
@@ -245,6 +255,15 @@ class PrecisionFactor(TriangularFactor):
 
     def jvp(self, tangent: Tensor, alpha: Tensor, z: Tensor, r: Tensor) -> Tensor:
         return self._trace_over_diagonal(tangent) - ((r @ tangent.mT) * z).sum(-1)
+
+
+# Each kind by its name: autograd functions and compiled code carry the name (a constant) and build the factor from
+# this module-level table, which torch.compile traces on every torch version it supports.
+KINDS: dict[str, type[TriangularFactor]] = {
+    "cholesky": CholeskyFactor,
+    "scale_tril": ScaleTril,
+    "precision": PrecisionFactor,
+}
 
 
 def factor_of_distribution(mvn: object) -> tuple[str, Tensor, Tensor, TriangularFactor]:

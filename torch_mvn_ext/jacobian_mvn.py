@@ -66,7 +66,7 @@ class _cached:
         else:
             with torch.enable_grad():
                 value = self.fn(instance)
-        instance.__dict__[self.name] = value
+        setattr(instance, self.name, value)  # shadows this (non-data) descriptor from now on
         return value
 
 
@@ -178,7 +178,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         batch_shape = broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
         new._setup(loc, name, matrix, factor, bool(mvn._validate_args), batch_shape)
         if name == "precision_matrix" and "_unbroadcasted_scale_tril" in mvn.__dict__:
-            new.__dict__["_unbroadcasted_scale_tril"] = mvn.__dict__["_unbroadcasted_scale_tril"]
+            new._unbroadcasted_scale_tril = mvn.__dict__["_unbroadcasted_scale_tril"]
         return new if new.batch_shape == mvn.batch_shape else new.expand(mvn.batch_shape)
 
     @quiet_under_jit_trace
@@ -191,7 +191,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
                 setattr(new, name, self.__dict__[name].expand(batch_shape + self.event_shape + self.event_shape))
         for name in _CACHED:
             if name in self.__dict__:
-                new.__dict__[name] = self.__dict__[name]
+                setattr(new, name, self.__dict__[name])
         new._parametrization = self._parametrization
         new._unbroadcasted_loc = self._unbroadcasted_loc
         new._unbroadcasted_matrix = self._unbroadcasted_matrix

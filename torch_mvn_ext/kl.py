@@ -152,7 +152,7 @@ def _whitened_sq_norm(factor: TriangularFactor, x: Tensor) -> Tensor:
     ``B``. Grouped so that each factor member meets all of its rows in one batched BLAS-3 call.
     """
     g = Grouping(x.shape[:-1], factor.batch_shape + (1,))
-    z = type(factor)(g.flat_matrix(factor.tensor.unsqueeze(-3))).whiten(g.group(x))
+    z = factor.like(g.flat_matrix(factor.tensor.unsqueeze(-3))).whiten(g.group(x))
     return g.ungroup(z.pow(2).sum(-1, keepdim=True)).sum((-2, -1))
 
 
