@@ -6,7 +6,9 @@ Every number is checked against torch's or Pyro's ``MultivariateNormal`` run thr
 ``torch.func`` or a dense float64 formula.
 """
 
+import importlib.util
 import math
+import pathlib
 import resource
 import time
 import warnings
@@ -507,18 +509,12 @@ def _fisher_reference(wrt, cov):
 
 
 def peak_bytes(fn):
-    """Peak bytes of torch tensors held at once during one call of ``fn``, above what existed before it
-    (as ``benchmarks/run.py`` measures it)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak, out
+    """Peak bytes of torch tensors held at once during one call of ``fn``, as ``benchmarks/run.py`` measures it."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.peak_bytes(fn)
 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
