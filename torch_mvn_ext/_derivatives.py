@@ -104,10 +104,6 @@ class Residual:
         if self.grouping is not None:
             log_norm = log_norm.unsqueeze(-1)
         lp = torch.add(log_norm, torch.linalg.vecdot(z, z), alpha=-0.5)
-        if self.factor.is_precision:
-            # z = r T^T sums 0 * inf above T's diagonal where r is infinite: the density there is 0, as a solve finds.
-            # The row sums are infinite exactly there (a NaN stays NaN): one pass over r, not an elementwise test.
-            lp = torch.where(torch.isinf(self.r.sum(-1)), -math.inf, lp)
         return self.full_scalar(lp)
 
     def flat(self, matrix: Tensor) -> Tensor:
@@ -186,10 +182,10 @@ def per_sample(
     """The per-sample derivative w.r.t. ``name`` (``constant(name)``: its sample-independent term), into ``out``
     when given."""
     if name in ("value", "loc"):
-        alpha = res.full(res.alpha)
         if out is not None:
+            alpha = res.full(res.alpha)
             return torch.neg(alpha, out=out) if name == "value" else out.copy_(alpha)
-        return (-alpha).contiguous() if name == "value" else res.full_alpha()
+        return -res.full_alpha() if name == "value" else res.full_alpha()
     return per_sample_matrix(res, name, layout, constant(name), out)
 
 

@@ -217,7 +217,11 @@ class PrecisionFactor(TriangularFactor):
         return -self.diagonal().log().sum(-1)
 
     def whiten(self, x: Tensor) -> Tensor:
-        return x @ self.tensor.mT
+        # A product with T would add 0 * inf above T's diagonal where x is infinite (NaN where a solve, and torch's
+        # MVN, gives an infinite z and a log-density of -inf); clamped to the largest finite value, x gives the same
+        # infinities without a NaN, and every finite x is unchanged. One elementwise pass.
+        big = torch.finfo(x.dtype).max
+        return x.clamp(-big, big) @ self.tensor.mT
 
     def alpha(self, z: Tensor) -> Tensor:
         return z @ self.tensor
