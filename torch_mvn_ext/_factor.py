@@ -118,7 +118,7 @@ class TriangularFactor:
     def gradient_terms(
         self, weights: Tensor, weighted_alpha: Tensor | None, z: Tensor, r: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """The per-sample row vectors ``(u, v)`` whose outer products :meth:`gradient` sums, ``u`` weighted by
+        r"""The per-sample row vectors ``(u, v)`` whose outer products :meth:`gradient` sums, ``u`` weighted by
         :math:`g_s` (``weighted_alpha`` is :math:`g_s \alpha_s`, for a :class:`CholeskyFactor`)."""
         raise NotImplementedError
 
