@@ -1,10 +1,6 @@
 import pytest
 import torch
-
-TOLERANCES = {
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
-    torch.float32: dict(rtol=1e-4, atol=1e-4),
-}
+from helpers import TOLERANCES
 
 
 @pytest.fixture(autouse=True)

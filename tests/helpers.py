@@ -9,6 +9,12 @@ PARAMETRIZATIONS = ("covariance_matrix", "precision_matrix", "scale_tril")
 MATRICES = PARAMETRIZATIONS
 WRT = ("value", "loc") + PARAMETRIZATIONS
 
+# Per dtype, for torch.testing.assert_close (the conftest fixture ``assert_close`` applies them).
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+}
+
 # (loc batch, matrix batch, value batch): unbatched, batched, loc-only, matrix-only, broadcasting pairs,
 # and values with extra sample dimensions.
 SHAPE_GRID = [

@@ -10,8 +10,7 @@ import random
 from dataclasses import dataclass
 
 import torch
-from conftest import TOLERANCES
-from helpers import MATRICES, PARAMETRIZATIONS, WRT, matrix_for, random_spd
+from helpers import MATRICES, PARAMETRIZATIONS, TOLERANCES, WRT, matrix_for, random_spd
 from torch.distributions import MultivariateNormal
 from torch.func import grad, vmap
 
