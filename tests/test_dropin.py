@@ -671,3 +671,75 @@ def test_out_of_wrong_shape_or_dtype_raises(method, wrong):
             d.jacobian(x, "covariance_matrix", out=buf)
         else:
             d.log_prob_and_grads(x, ("covariance_matrix",), out={"covariance_matrix": buf})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-sample matrix Jacobians of parameters that require grad (an nn.Parameter in a training loop), and under vmap.
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("wrt", MATRIX_WRT)
+@pytest.mark.parametrize("layout", ["full", "vech"])
+def test_matrix_jacobian_of_parameters_that_require_grad(parametrization, wrt, layout, assert_close):
+    """The result equals the one without grad and is differentiable: the gradient of a function of it w.r.t. ``loc``
+    and the matrix equals autograd's through per-sample ``torch.func`` Jacobians of torch's MVN."""
+    loc = torch.randn(D, dtype=torch.float64, requires_grad=True)
+    m = matrix_for(parametrization, random_spd((), D)).requires_grad_()
+    x = torch.randn(5, D, dtype=torch.float64)
+    ours = JacobianMVN(loc, **{parametrization: m}).jacobian(x, wrt, layout=layout)
+    with torch.no_grad():
+        plain = JacobianMVN(loc, **{parametrization: m}).jacobian(x, wrt, layout=layout)
+    assert_close(ours, plain)
+
+    def reference(loc, m):  # d log p / d wrt per sample, through torch's MVN parametrized by wrt, full layout
+        def lp(matrix, xi):
+            return MultivariateNormal(loc, **{wrt: matrix}, validate_args=False).log_prob(xi)
+
+        at = getattr(JacobianMVN(loc, **{parametrization: m}, validate_args=False), wrt)
+        return torch.func.vmap(torch.func.grad(lp), in_dims=(None, 0))(at, x)
+
+    full = ours if layout == "full" else None
+    if full is not None:
+        assert_close(full, reference(loc, m).detach())
+    weights = torch.randn(ours.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((ours * weights).sum(), (loc, m))
+    if layout == "full":
+        expected = torch.autograd.grad((reference(loc, m) * weights).sum(), (loc, m))
+        assert_close(grads[0], expected[0])
+        # Gradients w.r.t. the matrix agree on the perturbations it admits: symmetric ones (the two routes split an
+        # off-diagonal pair between (i, j) and (j, i) differently) or, for scale_tril, lower-triangular ones.
+        if parametrization == "scale_tril":
+            assert_close(grads[1].tril(), expected[1].tril())
+        else:
+            assert_close(grads[1] + grads[1].mT, expected[1] + expected[1].mT)
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("wrt", MATRIX_WRT)
+@pytest.mark.parametrize("layout", ["full", "vech"])
+def test_matrix_jacobian_under_vmap(parametrization, wrt, layout, assert_close):
+    m = matrix_for(parametrization, random_spd((), D))
+    dist_ = JacobianMVN(torch.randn(D, dtype=torch.float64), **{parametrization: m})
+    x = torch.randn(6, D, dtype=torch.float64)
+    batched = torch.func.vmap(lambda xi: dist_.jacobian(xi, wrt, layout=layout))(x)
+    assert_close(batched, dist_.jacobian(x, wrt, layout=layout))
+
+
+def test_variance_is_not_a_view_of_the_callers_matrix():
+    cov = random_spd((), D)
+    original = cov.clone()
+    d = JacobianMVN(torch.zeros(D, dtype=torch.float64), covariance_matrix=cov)
+    d.variance.mul_(10.0)
+    torch.testing.assert_close(cov, original, rtol=0, atol=0)
+    torch.testing.assert_close(d.variance, original.diagonal(), rtol=0, atol=0)
+
+
+def test_from_distribution_scale_tril_gradient_has_the_users_shape(assert_close):
+    """torch keeps a given scale_tril as is: the summed gradient w.r.t. it has its shape and autograd's value."""
+    tril = torch.linalg.cholesky(random_spd((), D)).requires_grad_()
+    mvn = MultivariateNormal(torch.zeros(2, D, dtype=torch.float64), scale_tril=tril)
+    x = torch.randn(4, 2, D, dtype=torch.float64)
+    _, grads = JacobianMVN.from_distribution(mvn).log_prob_and_grads(x, ("scale_tril",), reduction="sum")
+    (expected,) = torch.autograd.grad(mvn.log_prob(x).sum(), (tril,))
+    assert grads["scale_tril"].shape == tril.shape
+    assert_close(grads["scale_tril"], expected)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import check_allocation, check_out
+from ._checks import _transforms_active, check_allocation, check_out
 from ._factor import TriangularFactor
 from ._shapes import Grouping, vech, vech_indices, vech_weights
 
@@ -206,6 +206,16 @@ def per_sample_matrix(res: Residual, name: str, layout: str, constant: Tensor, o
     """
     u, v = res.outer_factors(name)
     u, v = res.full(u), res.full(v)
+    needs_graph = torch.is_grad_enabled() and (u.requires_grad or v.requires_grad or constant.requires_grad)
+    if out is None and (needs_graph or _transforms_active()):
+        # Differentiable (or batched by torch.func): out-of-place, as autograd and vmap need; the in-place passes
+        # below are for plain tensors.
+        outer = u.unsqueeze(-1) * v.unsqueeze(-2)
+        if name == "scale_tril":
+            full = outer.tril() - torch.diag_embed(constant)
+        else:
+            full = 0.5 * (outer - constant if name == "covariance_matrix" else outer + constant)
+        return vech(full, symmetric=name != "scale_tril") if layout == "vech" else full
     if layout == "vech":
         return _per_sample_vech(u, v, name, constant, out)
     if out is None:  # row-major whatever the layout of u and v (a right solve leaves them column-major)

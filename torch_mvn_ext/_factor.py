@@ -290,7 +290,9 @@ def factor_of_distribution(mvn: object) -> tuple[str, Tensor, Tensor, Triangular
     else:
         eye = torch.eye(scale_tril.shape[-1], dtype=scale_tril.dtype, device=scale_tril.device)
         factor = PrecisionFactor(CholeskyFactor(scale_tril).whiten(eye.expand_as(scale_tril)).mT)
-    return name, mvn.loc, mvn.__dict__[name], factor
+    # torch keeps the user's scale_tril itself; of loc and the other matrices it keeps views expanded to batch_shape.
+    matrix = scale_tril if name == "scale_tril" else mvn.__dict__[name]
+    return name, mvn.loc, matrix, factor
 
 
 def _solve_rows(tril: Tensor, x: Tensor, transpose: bool) -> Tensor:

@@ -158,7 +158,9 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         It keeps the parametrization the source was built with (the matrix argument its constructor stored first),
         its ``validate_args`` and its tensors, and reuses its Cholesky factor: nothing is factorized again (a
         precision-parametrized source costs one triangular inversion of its factor, :math:`T = L^{-1}`). Gradients
-        flow to the source's parameters.
+        flow to the source's parameters. torch's MVN keeps ``loc`` and a covariance or precision matrix only as views
+        expanded to its ``batch_shape``, so ``log_prob_and_grads(reduction="sum")`` gives their gradients in that
+        shape (summed to the user's own shapes, they equal autograd's); a ``scale_tril`` is kept as given.
 
         Example::
 
@@ -256,7 +258,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
     @property
     def variance(self) -> Tensor:
         if self._parametrization == "covariance_matrix":
-            var = self._unbroadcasted_matrix.diagonal(dim1=-2, dim2=-1)
+            var = self._unbroadcasted_matrix.diagonal(dim1=-2, dim2=-1).clone()  # not a view of the caller's matrix
         else:
             var = self._unbroadcasted_scale_tril.pow(2).sum(-1)
         return var.expand(self._batch_shape + self._event_shape)
