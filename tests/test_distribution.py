@@ -10,7 +10,7 @@ from helpers import PARAMETRIZATIONS, SHAPE_GRID, SHAPE_IDS, make_pair, matrix_f
 from pyro.distributions.torch_distribution import TorchDistributionMixin
 from torch.distributions import MultivariateNormal
 
-from torch_mvn_ext import JacobianMVN
+from torch_mvn_ext import JacobianMVN, _factor
 
 D = 3
 TENSOR_ATTRIBUTES = (
@@ -223,3 +223,19 @@ def test_cuda_matches_cpu(parametrization):
     torch.testing.assert_close(gpu.log_prob(x.cuda()).cpu(), cpu.log_prob(x))
     torch.testing.assert_close(gpu.jacobian(x.cuda(), "scale_tril").cpu(), cpu.jacobian(x, "scale_tril"))
     assert gpu.rsample((2,)).device.type == "cuda"
+
+
+@pytest.mark.parametrize("parametrization", ["covariance_matrix", "scale_tril"])
+def test_precision_route_off_the_cpu(monkeypatch, parametrization):
+    """Off the CPU, Sigma^{-1} is formed as L^{-T} L^{-1} from a triangular inverse (cholesky_inverse reads its error
+    codes back to the host there); forced on the CPU, it equals torch's precision and the covariance Jacobian."""
+    monkeypatch.setattr(_factor, "_CHOLESKY_INVERSE_ON_CPU", False)
+    cov = random_spd((2,), 4)
+    matrix = cov if parametrization == "covariance_matrix" else torch.linalg.cholesky(cov)
+    ours = JacobianMVN(torch.zeros(4, dtype=torch.float64), **{parametrization: matrix})
+    reference = MultivariateNormal(torch.zeros(4, dtype=torch.float64), covariance_matrix=cov)
+    torch.testing.assert_close(ours.precision_matrix, reference.precision_matrix, rtol=1e-10, atol=1e-10)
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    alpha = torch.linalg.solve(cov, x.unsqueeze(-1)).squeeze(-1)
+    expected = 0.5 * (alpha.unsqueeze(-1) * alpha.unsqueeze(-2) - torch.linalg.inv(cov))
+    torch.testing.assert_close(ours.jacobian(x, "covariance_matrix"), expected, rtol=1e-9, atol=1e-9)

@@ -127,3 +127,4 @@ def test_large_float32_factors_keep_the_left_solve(monkeypatch, parametrization)
     for quantity in ("log_prob", "value"):
         ours, theirs = errors[quantity]
         assert ours <= max(1.25 * theirs, 4 * torch.finfo(torch.float32).eps), (quantity, ours, theirs)
+

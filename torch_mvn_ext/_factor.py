@@ -160,17 +160,15 @@ class CholeskyFactor(TriangularFactor):
 
     def precision_matrix(self) -> Tensor:
         tensor = self.tensor
-        if tensor.is_cpu:
+        if tensor.is_cpu and _CHOLESKY_INVERSE_ON_CPU:
             # tril: cholesky_inverse reads only the lower triangle but its backward fills the upper one too.
             return torch.cholesky_inverse(tensor.tril() if tensor.requires_grad else tensor)
-        # Elsewhere cholesky_inverse reads its error codes back to the host; two triangular products do not.
-        w = self.whiten(torch.eye(tensor.shape[-1], dtype=tensor.dtype, device=tensor.device))
-        return w.mT @ w
+        # Elsewhere cholesky_inverse reads its error codes back to the host; a triangular solve and a product do not.
+        return precision_from_inverse(tril_inverse(tensor))
 
     def precision_diagonal(self) -> Tensor:
-        # diag(L^{-T} L^{-1})_i = ||L^{-1} e_i||^2.
-        eye = torch.eye(self.tensor.shape[-1], dtype=self.tensor.dtype, device=self.tensor.device)
-        return self.whiten(eye).pow(2).sum(-1)
+        # diag(L^{-T} L^{-1})_i: the squared column norms of L^{-1}.
+        return tril_inverse(self.tensor).pow(2).sum(-2)
 
     def gradient(self, u: Tensor, v: Tensor, count: Tensor) -> Tensor:
         # d log p / dL = tril(alpha z^T) - diag(1 / L_ii)
@@ -238,11 +236,10 @@ class PrecisionFactor(TriangularFactor):
         return self.diagonal()
 
     def scale_tril(self) -> Tensor:
-        eye = torch.eye(self.tensor.shape[-1], dtype=self.tensor.dtype, device=self.tensor.device)
-        return torch.linalg.solve_triangular(self.tensor, eye.expand_as(self.tensor), upper=False)
+        return tril_inverse(self.tensor)
 
     def precision_matrix(self) -> Tensor:
-        return self.tensor.mT @ self.tensor
+        return precision_from_inverse(self.tensor)
 
     def precision_diagonal(self) -> Tensor:
         # diag(T^T T): the squared column norms of T.
@@ -270,6 +267,18 @@ KINDS: dict[str, type[TriangularFactor]] = {
 }
 
 
+def tril_inverse(tril: Tensor) -> Tensor:
+    r"""The inverse of a lower-triangular matrix (lower-triangular too): one triangular solve against the identity,
+    :math:`O(d^3/3)`: :math:`L^{-1} = T` for a Cholesky factor, :math:`T^{-1} = L` for a precision factor."""
+    eye = torch.eye(tril.shape[-1], dtype=tril.dtype, device=tril.device)
+    return torch.linalg.solve_triangular(tril, eye.expand_as(tril), upper=False)
+
+
+def precision_from_inverse(inverse: Tensor) -> Tensor:
+    r""":math:`\Sigma^{-1} = L^{-\top} L^{-1}` from :math:`L^{-1}` (the precision factor ``T`` itself)."""
+    return inverse.mT @ inverse
+
+
 def factor_of_distribution(mvn: object) -> tuple[str, Tensor, Tensor, TriangularFactor]:
     """``(name, loc, matrix, factor)`` of a torch or Pyro ``MultivariateNormal``, its factor reused: the matrix
     argument its constructor stored (the first in its ``__dict__``; later ones are derived on demand) and its Cholesky
@@ -288,8 +297,7 @@ def factor_of_distribution(mvn: object) -> tuple[str, Tensor, Tensor, Triangular
     elif name == "covariance_matrix":
         factor = CholeskyFactor(scale_tril)
     else:
-        eye = torch.eye(scale_tril.shape[-1], dtype=scale_tril.dtype, device=scale_tril.device)
-        factor = PrecisionFactor(CholeskyFactor(scale_tril).whiten(eye.expand_as(scale_tril)).mT)
+        factor = PrecisionFactor(tril_inverse(scale_tril))
     # torch keeps the user's scale_tril itself; of loc and the other matrices it keeps views expanded to batch_shape.
     matrix = scale_tril if name == "scale_tril" else mvn.__dict__[name]
     return name, mvn.loc, matrix, factor
@@ -334,6 +342,9 @@ def cpuinfo(field: str) -> str:
 
 
 _RIGHT_SOLVE_MAX_D = 128
+# On CPU, Sigma^{-1} = cholesky_inverse(L) (one LAPACK call); elsewhere a triangular inverse and a product, which read
+# nothing back to the host. A module constant, so that tests can run the second route on CPU.
+_CHOLESKY_INVERSE_ON_CPU = True
 # Whether the CPU's BLAS runs row-major float32 triangular solves faster from the right: MKL on AMD CPUs. Read once
 # at import, a constant to torch.compile.
 _RIGHT_SOLVE_IS_FASTER = torch.backends.mkl.is_available() and cpuinfo("vendor_id") == "AuthenticAMD"

@@ -25,10 +25,10 @@ from ._checks import (
     all_equal,
     check_choice,
     check_event_tensor,
+    check_finite,
     check_parameters,
     check_value,
     check_wrt,
-    is_finite,
     quiet_under_jit_trace,
     validate_parameter,
 )
@@ -514,8 +514,8 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         shape = check_event_tensor(
             "value", value, torch.Size([m]), self._batch_shape, self.loc.device, what=f"len(dims) = {m}"
         )
-        if self._validate_args and not is_finite(value):
-            raise ValueError(f"value contains NaN or infinite entries:\n{value}")
+        if self._validate_args:
+            check_finite("value", value)
         if not m:
             return self.expand(shape)
         loc, name, matrix = _conditioning.condition(self, b, value.to(self.loc.dtype), shape)
