@@ -731,7 +731,8 @@ def test_variance_is_not_a_view_of_the_callers_matrix():
     d = JacobianMVN(torch.zeros(D, dtype=torch.float64), covariance_matrix=cov)
     d.variance.mul_(10.0)
     torch.testing.assert_close(cov, original, rtol=0, atol=0)
-    torch.testing.assert_close(d.variance, original.diagonal(), rtol=0, atol=0)
+    # from the factor, as torch's MVN computes it: the diagonal to rounding
+    torch.testing.assert_close(d.variance, original.diagonal())
 
 
 def test_from_distribution_scale_tril_gradient_has_the_users_shape(assert_close):

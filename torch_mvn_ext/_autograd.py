@@ -76,6 +76,18 @@ class LogProb(torch.autograd.Function):
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(r, tensor, output[1])
+        ctx.save_for_forward(r, tensor, output[1])
+
+    @staticmethod
+    def jvp(ctx: Any, t_r: Tensor | None, t_tensor: Tensor | None, _t_covariance: Any, _kind: Any) -> Any:
+        r, tensor, z = ctx.saved_tensors
+        res = _residual(r, KINDS[ctx.kind](tensor), ctx.from_covariance, z=z)
+        out = torch.zeros(res.r.shape[:-1], dtype=z.dtype, device=z.device)
+        if t_r is not None:
+            out = out - (res.alpha * res.group(t_r)).sum(-1)
+        if t_tensor is not None:
+            out = out + res.factor.jvp(torch.tril(res.flat(t_tensor)), res.alpha, res.z, res.r)
+        return res.full_scalar(out), None
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None, _grad_z: Tensor | None) -> Any:
@@ -121,32 +133,9 @@ except ImportError:  # another torch layout: keep Function.apply
     _unwrap_dead_wrappers = None  # type: ignore[assignment]
 
 
-class LogProbWithJvp(LogProb):
-    """:class:`LogProb` with forward-mode AD, for ``torch.func.jvp``/``jacfwd``/``hessian``.
-
-    Kept apart because ``torch.compile`` does not trace a ``torch.autograd.Function`` that defines ``jvp``.
-    """
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        LogProb.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(inputs[0], inputs[1], output[1])
-
-    @staticmethod
-    def jvp(ctx: Any, t_r: Tensor | None, t_tensor: Tensor | None, _t_covariance: Any, _kind: Any) -> Any:
-        r, tensor, z = ctx.saved_tensors
-        res = _residual(r, KINDS[ctx.kind](tensor), ctx.from_covariance, z=z)
-        out = torch.zeros(res.r.shape[:-1], dtype=z.dtype, device=z.device)
-        if t_r is not None:
-            out = out - (res.alpha * res.group(t_r)).sum(-1)
-        if t_tensor is not None:
-            out = out + res.factor.jvp(torch.tril(res.flat(t_tensor)), res.alpha, res.z, res.r)
-        return res.full_scalar(out), None
-
-
 def log_prob(r: Tensor, factor: TriangularFactor, covariance: Tensor | None = None) -> Tensor:
     r"""``log_prob`` of the residual ``r`` with the closed-form backward when a gradient can be asked for, plain
-    otherwise.
+    otherwise and under ``torch.compile``.
 
     ``covariance``: the covariance matrix ``factor`` is the Cholesky factor of, for the covariance parametrization.
     The backward then returns its gradient directly, and may form :math:`\alpha` with :math:`\Sigma^{-1}`, which is
@@ -159,7 +148,8 @@ def log_prob(r: Tensor, factor: TriangularFactor, covariance: Tensor | None = No
     if covariance is not None and (covariance.shape != tensor.shape or not tensor.requires_grad):
         # A covariance broadcast beyond its factor (from_distribution) takes its gradient through the factor.
         covariance = None
-    if torch.is_grad_enabled() and (r.requires_grad or tensor.requires_grad):
-        function = LogProb if torch.compiler.is_compiling() else LogProbWithJvp
-        return function.apply(r, tensor, covariance, factor.kind)[0]
+    if torch.is_grad_enabled() and (r.requires_grad or tensor.requires_grad) and not torch.compiler.is_compiling():
+        return LogProb.apply(r, tensor, covariance, factor.kind)[0]
+    # Under torch.compile, plain differentiable operations: compiled, the function's backward would come back without
+    # a graph under create_graph=True (torch 2.13, every backend), so a second derivative would silently be zero.
     return Residual(r, factor).log_prob

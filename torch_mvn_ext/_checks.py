@@ -35,6 +35,18 @@ _transforms_active: Callable[[], bool] = getattr(torch._C, "_are_functorch_trans
 _is_all_true: Callable[[Tensor], Tensor] = getattr(torch, "_is_all_true", torch.all)
 
 
+def _forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (its module-level counter, private; where it is
+    missing, assume one is)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
+
+
+def differentiated(t: Tensor) -> bool:
+    """Whether a result computed from ``t`` may be differentiated: autograd records it, a ``torch.func`` transform
+    runs, or forward-mode AD is on. Routes whose derivative rules torch gets wrong are taken only when not."""
+    return (t.requires_grad and torch.is_grad_enabled()) or _transforms_active() or _forward_ad_active()
+
+
 def quiet_under_jit_trace(method: F) -> F:
     """Runs ``method`` (of a distribution, or a function of distributions) with ``torch.jit.TracerWarning`` silenced
     while ``torch.jit.trace`` records it (Pyro's ``JitTrace_ELBO``, ``HMC``/``NUTS`` with ``jit_compile=True``).

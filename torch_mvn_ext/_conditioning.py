@@ -40,7 +40,7 @@ def marginal(dist: JacobianMVN, a: list[int]) -> tuple[Tensor, str, Tensor]:
             return loc, "precision_matrix", block.mT @ block
         return loc, "scale_tril", block
     if factor.is_precision:
-        precision = dist._symmetric_matrix
+        precision = dist._unbroadcasted_sigma_inverse
         b = [i for i in range(d) if i not in set(a)]
         matrix = sub_block(precision, a, a)
         if b:
@@ -49,7 +49,7 @@ def marginal(dist: JacobianMVN, a: list[int]) -> tuple[Tensor, str, Tensor]:
             matrix = symmetrize(matrix - w.mT @ w)
         return loc, "precision_matrix", matrix
     if dist.parametrization == "covariance_matrix":
-        return loc, "covariance_matrix", sub_block(dist._symmetric_matrix, a, a)
+        return loc, "covariance_matrix", sub_block(dist._unbroadcasted_sigma, a, a)
     rows = factor.tensor[..., a, :]
     return loc, "covariance_matrix", rows @ rows.mT
 
@@ -82,7 +82,7 @@ def condition(dist: JacobianMVN, b: list[int], value: Tensor, shape: torch.Size)
         if factor.is_precision:
             # -T_aa^{-1} T_ab r_b: one product and one triangular solve.
             shift = -torch.linalg.solve_triangular(g.flat_matrix(trailing), (r @ cross.mT).mT, upper=False).mT
-            name, matrix = "precision_matrix", dist._symmetric_matrix[..., m:, m:]
+            name, matrix = "precision_matrix", dist._unbroadcasted_sigma_inverse[..., m:, m:]
         else:
             leading = g.flat_matrix(tensor[..., :m, :m])
             shift = torch.linalg.solve_triangular(leading, r.mT, upper=False).mT @ cross.mT
@@ -90,7 +90,7 @@ def condition(dist: JacobianMVN, b: list[int], value: Tensor, shape: torch.Size)
     else:
         r = g.group(value - loc[..., b])
         if factor.is_precision:
-            p = dist._symmetric_matrix
+            p = dist._unbroadcasted_sigma_inverse
             name, matrix = "precision_matrix", sub_block(p, a, a)
             c = g.flat_matrix(cholesky(matrix, "precision_matrix"))
             shift = -torch.cholesky_solve((r @ g.flat_matrix(sub_block(p, a, b)).mT).mT, c).mT

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import _transforms_active, check_allocation, check_out
+from ._checks import check_allocation, check_out, differentiated
 from ._factor import TriangularFactor
 from ._shapes import Grouping, vech, vech_indices, vech_weights
 
@@ -88,7 +88,7 @@ class Residual:
             if self._gemm_alpha and 32 <= d < 128 and self.c >= d:
                 self._alpha = self.r @ self.flat(self.sigma_inverse())
             else:
-                self._alpha = self.factor.alpha(self.z)
+                self._alpha = self.factor.alpha(self.z, self.r)
         return self._alpha
 
     def sigma_inverse(self) -> Tensor:
@@ -206,10 +206,9 @@ def per_sample_matrix(res: Residual, name: str, layout: str, constant: Tensor, o
     """
     u, v = res.outer_factors(name)
     u, v = res.full(u), res.full(v)
-    needs_graph = torch.is_grad_enabled() and (u.requires_grad or v.requires_grad or constant.requires_grad)
-    if out is None and (needs_graph or _transforms_active()):
-        # Differentiable (or batched by torch.func): out-of-place, as autograd and vmap need; the in-place passes
-        # below are for plain tensors.
+    if out is None and (differentiated(u) or differentiated(v) or differentiated(constant)):
+        # Differentiable (by autograd, forward-mode AD or a torch.func transform) or batched by torch.func:
+        # out-of-place, as they need; the in-place passes below are for plain tensors.
         outer = u.unsqueeze(-1) * v.unsqueeze(-2)
         if name == "scale_tril":
             full = outer.tril() - torch.diag_embed(constant)

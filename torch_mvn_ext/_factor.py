@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from ._checks import _transforms_active, differentiated
 from ._shapes import Grouping
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -82,8 +83,9 @@ class TriangularFactor:
         r""":math:`z = L^{-1} x`."""
         raise NotImplementedError
 
-    def alpha(self, z: Tensor) -> Tensor:
-        r""":math:`L^{-\top} z`, so :math:`\alpha = \Sigma^{-1} r` from :math:`z = L^{-1} r`."""
+    def alpha(self, z: Tensor, r: Tensor | None = None) -> Tensor:
+        r""":math:`L^{-\top} z`, so :math:`\alpha = \Sigma^{-1} r` from :math:`z = L^{-1} r` (``r``, where given, for
+        the infinite entries it may have)."""
         raise NotImplementedError
 
     def color(self, eps: Tensor) -> Tensor:
@@ -105,6 +107,15 @@ class TriangularFactor:
     def precision_matrix(self) -> Tensor:
         r""":math:`\Sigma^{-1}`."""
         raise NotImplementedError
+
+    def covariance_matrix(self) -> Tensor:
+        r""":math:`\Sigma = L L^\top`."""
+        L = self.scale_tril()
+        return L @ L.mT
+
+    def variance(self) -> Tensor:
+        r"""The diagonal of :math:`\Sigma`: the squared row norms of :math:`L`, shape ``B + (d,)``."""
+        return self.scale_tril().pow(2).sum(-1)
 
     def precision_diagonal(self) -> Tensor:
         r"""The diagonal of :math:`\Sigma^{-1}`, shape ``B + (d,)``."""
@@ -143,7 +154,7 @@ class CholeskyFactor(TriangularFactor):
     def whiten(self, x: Tensor) -> Tensor:
         return _solve_rows(self.tensor, x, transpose=False)
 
-    def alpha(self, z: Tensor) -> Tensor:
+    def alpha(self, z: Tensor, r: Tensor | None = None) -> Tensor:
         return _solve_rows(self.tensor, z, transpose=True)
 
     def color(self, eps: Tensor) -> Tensor:
@@ -160,10 +171,12 @@ class CholeskyFactor(TriangularFactor):
 
     def precision_matrix(self) -> Tensor:
         tensor = self.tensor
-        if tensor.is_cpu and _CHOLESKY_INVERSE_ON_CPU:
-            # tril: cholesky_inverse reads only the lower triangle but its backward fills the upper one too.
-            return torch.cholesky_inverse(tensor.tril() if tensor.requires_grad else tensor)
+        if tensor.is_cpu and _CHOLESKY_INVERSE_ON_CPU and not differentiated(tensor):
+            return torch.cholesky_inverse(tensor)
         # Elsewhere cholesky_inverse reads its error codes back to the host; a triangular solve and a product do not.
+        # And wherever the result may be differentiated: torch's forward-mode rule for cholesky_inverse is wrong
+        # (torch 2.13: its JVP differs from finite differences by 0.05 on a 3 x 3 factor), which would make
+        # torch.func.hessian and jacfwd wrong; solve_triangular's and matmul's rules are right in both modes.
         return precision_from_inverse(tril_inverse(tensor))
 
     def precision_diagonal(self) -> Tensor:
@@ -221,8 +234,24 @@ class PrecisionFactor(TriangularFactor):
         big = torch.finfo(x.dtype).max
         return x.clamp(-big, big) @ self.tensor.mT
 
-    def alpha(self, z: Tensor) -> Tensor:
-        return z @ self.tensor
+    def alpha(self, z: Tensor, r: Tensor | None = None) -> Tensor:
+        if r is None:
+            return z @ self.tensor
+        # An infinite entry of r makes alpha = P r infinite along P's columns, but whiten's clamp leaves z finite
+        # (or overflowing into a 0 * inf NaN above T's diagonal here): alpha is then formed from r's finite part and,
+        # apart, from the signs of its infinities, whose image under P is scaled to +-inf where it is not zero; the
+        # limit of alpha as those entries grow, which triangular solves (torch's MVN) give too. On the CPU it is
+        # taken only when r has an infinite entry (one read of r); elsewhere, and under torch.compile and torch.func,
+        # always, so that nothing is read back to the host and no graph breaks.
+        if r.is_cpu and not torch.compiler.is_compiling() and not _transforms_active():
+            if not bool(r.isinf().any()):
+                return z @ self.tensor
+        infinite = r.isinf()
+        finite = torch.where(infinite, 0.0, r)
+        direction = (torch.where(infinite, r.sign(), 0.0) @ self.tensor.mT) @ self.tensor
+        alpha = (finite @ self.tensor.mT) @ self.tensor
+        # sign: no gradient flows from the infinite branch (where's backward would meet 0 * inf in it)
+        return alpha + torch.where(direction == 0, 0.0, direction.sign() * math.inf)
 
     def color(self, eps: Tensor) -> Tensor:
         return _solve_rows(self.tensor, eps, transpose=False)

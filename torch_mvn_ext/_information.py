@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ._checks import WRT, check_allocation, check_choice, check_event_tensor
+from ._checks import WRT, check_allocation, check_choice, check_event_tensor, differentiated
 from ._derivatives import Residual
 from ._shapes import vech_indices, vech_weights
 
@@ -50,7 +50,7 @@ def symmetric_fisher_vech(m: Tensor) -> Tensor:
     check_allocation(shape, m, "fisher_information")
     w = 0.5 * vech_weights(d, m.dtype, m.device)
     kk, ll = rows[None, :], cols[None, :]
-    if m.requires_grad:  # in-place writes would cut the graph: one expression
+    if differentiated(m):  # in-place writes would cut the graph (or refuse forward-mode AD): one expression
         i, j = rows[:, None], cols[:, None]
         return (m[..., i, kk] * m[..., j, ll] + m[..., i, ll] * m[..., j, kk]) * (w[:, None] * w[None, :])
     out = torch.empty(shape, dtype=m.dtype, device=m.device)

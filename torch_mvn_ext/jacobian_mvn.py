@@ -207,16 +207,10 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         ``"precision_matrix"`` or ``"scale_tril"``."""
         return self._parametrization
 
-    @_cached
-    def _symmetric_matrix(self) -> Tensor:
-        """The given covariance or precision matrix as the factorization read it: the covariance's lower triangle or
-        the precision's upper one (its factor comes from the flipped matrix), mirrored; the matrix itself when it is
-        symmetric, as validation checks to a tolerance. Every method that reads the
-        matrix reads this, so that an unvalidated matrix that is not symmetric means one distribution throughout."""
-        m = self._unbroadcasted_matrix
-        if self._parametrization == "precision_matrix":  # factorized flipped: its upper triangle is what was read
-            return m.triu() + m.triu(1).mT
-        return m.tril() + m.tril(-1).mT
+    # Every derived matrix comes from the factor, the one state computed at construction, as torch's MVN derives its
+    # own from its scale_tril: an in-place change to the caller's matrix afterwards changes none of the methods'
+    # answers (only the caller's own tensor, which torch's MVN also keeps as its attribute), and an unvalidated matrix
+    # that is not symmetric means, throughout, the matrix its factorization read.
 
     @_cached
     def _unbroadcasted_scale_tril(self) -> Tensor:
@@ -224,15 +218,10 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
 
     @_cached
     def _unbroadcasted_sigma(self) -> Tensor:
-        if self._parametrization == "covariance_matrix":
-            return self._symmetric_matrix
-        L = self._unbroadcasted_scale_tril
-        return L @ L.mT
+        return self._factor.covariance_matrix()
 
     @_cached
     def _unbroadcasted_sigma_inverse(self) -> Tensor:
-        if self._parametrization == "precision_matrix":
-            return self._symmetric_matrix
         return self._factor.precision_matrix()
 
     @lazy_property
@@ -257,11 +246,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
 
     @property
     def variance(self) -> Tensor:
-        if self._parametrization == "covariance_matrix":
-            var = self._unbroadcasted_matrix.diagonal(dim1=-2, dim2=-1).clone()  # not a view of the caller's matrix
-        else:
-            var = self._unbroadcasted_scale_tril.pow(2).sum(-1)
-        return var.expand(self._batch_shape + self._event_shape)
+        return self._factor.variance().expand(self._batch_shape + self._event_shape)
 
     @quiet_under_jit_trace
     def rsample(self, sample_shape: _size = torch.Size()) -> Tensor:
@@ -552,4 +537,4 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         )
 
 
-_CACHED = ("_unbroadcasted_scale_tril", "_unbroadcasted_sigma", "_unbroadcasted_sigma_inverse", "_symmetric_matrix")
+_CACHED = ("_unbroadcasted_scale_tril", "_unbroadcasted_sigma", "_unbroadcasted_sigma_inverse")
