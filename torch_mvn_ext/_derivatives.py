@@ -215,9 +215,13 @@ def per_sample_matrix(res: Residual, name: str, layout: str, constant: Tensor, o
         else:
             full = 0.5 * (outer - constant if name == "covariance_matrix" else outer + constant)
         return vech(full, symmetric=name != "scale_tril") if layout == "vech" else full
+    # Row-major operands whatever layout the solve route left (a right solve leaves z and alpha column-major): a
+    # broadcast product of column-major operands falls off the vectorized path (measured on an AMD EPYC, float32,
+    # d = 64, N = 1024: 20x slower), and the copies cost a d-th of the output's writes.
+    u, v = u.contiguous(), v.contiguous()
     if layout == "vech":
         return _per_sample_vech(u, v, name, constant, out)
-    if out is None:  # row-major whatever the layout of u and v (a right solve leaves them column-major)
+    if out is None:
         out = torch.empty(u.shape + u.shape[-1:], dtype=u.dtype, device=u.device)
     if name == "scale_tril":
         torch.mul(u.unsqueeze(-1), v.unsqueeze(-2), out=out)
