@@ -34,7 +34,7 @@ from ._factor import KINDS, TriangularFactor
 def _covariance_gradient(res: Residual, weights: Tensor, weighted_alpha: Tensor) -> Tensor:
     r""":math:`\frac12\big(\sum_s g_s \alpha_s \alpha_s^\top - (\sum_s g_s)\Sigma^{-1}\big)` for each factor member,
     symmetrized (the GEMM's two triangles round differently)."""
-    outer = weighted_alpha.mT @ res.alpha
+    outer = res.factor.outer_sum(weighted_alpha, res.alpha)
     total = weights.sum((-2, -1)).unsqueeze(-1).unsqueeze(-1)
     sigma_inverse = res.flat(res.sigma_inverse())
     return res.unflat(0.25 * (outer + outer.mT) - 0.5 * total * sigma_inverse)

@@ -285,15 +285,12 @@ def summed_matrix(res: Residual, name: str, layout: str, constant: Tensor, batch
         else:
             flat_constant = g.flat_matrix(constant)
     if name == "scale_tril":
-        out = (u.mT @ v).tril_()
+        out = res.factor.outer_sum(u, v).tril_()
         out.diagonal(dim1=-2, dim2=-1).sub_(count * flat_constant)
     else:
-        # (u^T v -/+ count K) / 2: one GEMM and its epilogue (baddbmm for a batch of members).
-        beta = -0.5 * count if name == "covariance_matrix" else 0.5 * count
-        if u.dim() == 2:
-            out = torch.addmm(flat_constant, u.mT, v, beta=beta, alpha=0.5)
-        else:
-            out = torch.baddbmm(flat_constant.expand(u.shape[0], -1, -1), u.mT, v, beta=beta, alpha=0.5)
+        # (u^T v -/+ count K) / 2: one GEMM and its epilogue (a batched one for a batch of members).
+        out = res.factor.outer_sum(u, v, flat_constant, beta=-count if name == "covariance_matrix" else count)
+        out.mul_(0.5)
     if g is not None:
         out = g.unflat_matrix(out)
     return vech(out, symmetric=name != "scale_tril") if layout == "vech" else out

@@ -140,6 +140,34 @@ class TriangularFactor:
     def _trace_over_diagonal(self, tangent: Tensor) -> Tensor:
         return (tangent.diagonal(dim1=-2, dim2=-1) / self.diagonal()).sum(-1).unsqueeze(-1)
 
+    # The four primitives every operation above is written with; the elementwise factors of small event sizes
+    # (:mod:`torch_mvn_ext._small`) replace them, and nothing else.
+
+    def mul_t(self, x: Tensor) -> Tensor:
+        r"""The rows :math:`M x_i` for the held matrix :math:`M`: ``x @ M^T``."""
+        return x @ self.tensor.mT
+
+    def mul(self, x: Tensor) -> Tensor:
+        r"""The rows :math:`M^\top x_i`: ``x @ M``."""
+        return x @ self.tensor
+
+    def solve(self, x: Tensor, transpose: bool) -> Tensor:
+        r"""The rows :math:`M^{-1} x_i` (:math:`M^{-\top} x_i` with ``transpose``)."""
+        return _solve_rows(self.tensor, x, transpose)
+
+    def outer_sum(self, u: Tensor, v: Tensor, base: Tensor | None = None, beta: float = 1.0) -> Tensor:
+        r""":math:`\sum_s u_s v_s^\top` over the rows of ``(..., c, d)`` operands, one GEMM per member, plus
+        ``beta * base`` where given (``base`` of the members' batch, or one matrix for all), in the GEMM's epilogue."""
+        if base is None:
+            return u.mT @ v
+        if u.dim() == 2:
+            return torch.addmm(base, u.mT, v, beta=beta)
+        return torch.baddbmm(base.expand(u.shape[:-2] + base.shape[-2:]), u.mT, v, beta=beta)
+
+    def inverse(self) -> Tensor:
+        r""":math:`M^{-1}`, lower-triangular (see :func:`tril_inverse`)."""
+        return tril_inverse(self.tensor)
+
 
 class CholeskyFactor(TriangularFactor):
     r"""``L`` with :math:`\Sigma = L L^\top`."""
@@ -152,16 +180,16 @@ class CholeskyFactor(TriangularFactor):
         return self.diagonal().log().sum(-1)
 
     def whiten(self, x: Tensor) -> Tensor:
-        return _solve_rows(self.tensor, x, transpose=False)
+        return self.solve(x, transpose=False)
 
     def alpha(self, z: Tensor, r: Tensor | None = None) -> Tensor:
-        return _solve_rows(self.tensor, z, transpose=True)
+        return self.solve(z, transpose=True)
 
     def color(self, eps: Tensor) -> Tensor:
-        return eps @ self.tensor.mT
+        return self.mul_t(eps)
 
     def sigma_matvec(self, x: Tensor) -> Tensor:
-        return (x @ self.tensor) @ self.tensor.mT
+        return self.mul_t(self.mul(x))
 
     def inv_scale_diag(self) -> Tensor:
         return self.diagonal().reciprocal()
@@ -177,15 +205,16 @@ class CholeskyFactor(TriangularFactor):
         # And wherever the result may be differentiated: torch's forward-mode rule for cholesky_inverse is wrong
         # (torch 2.13: its JVP differs from finite differences by 0.05 on a 3 x 3 factor), which would make
         # torch.func.hessian and jacfwd wrong; solve_triangular's and matmul's rules are right in both modes.
-        return precision_from_inverse(tril_inverse(tensor))
+        inverse = self.inverse()
+        return self.like(inverse).outer_sum(inverse, inverse)
 
     def precision_diagonal(self) -> Tensor:
         # diag(L^{-T} L^{-1})_i: the squared column norms of L^{-1}.
-        return tril_inverse(self.tensor).pow(2).sum(-2)
+        return self.inverse().pow(2).sum(-2)
 
     def gradient(self, u: Tensor, v: Tensor, count: Tensor) -> Tensor:
         # d log p / dL = tril(alpha z^T) - diag(1 / L_ii)
-        return torch.tril(u.mT @ v) - torch.diag_embed(count * self.inv_scale_diag())
+        return torch.tril(self.outer_sum(u, v)) - torch.diag_embed(count * self.inv_scale_diag())
 
     def gradient_terms(
         self, weights: Tensor, weighted_alpha: Tensor | None, z: Tensor, r: Tensor
@@ -232,11 +261,11 @@ class PrecisionFactor(TriangularFactor):
         # MVN, gives an infinite z and a log-density of -inf); clamped to the largest finite value, x gives the same
         # infinities without a NaN, and every finite x is unchanged. One elementwise pass.
         big = torch.finfo(x.dtype).max
-        return x.clamp(-big, big) @ self.tensor.mT
+        return self.mul_t(x.clamp(-big, big))
 
     def alpha(self, z: Tensor, r: Tensor | None = None) -> Tensor:
         if r is None:
-            return z @ self.tensor
+            return self.mul(z)
         # An infinite entry of r makes alpha = P r infinite along P's columns, but whiten's clamp leaves z finite
         # (or overflowing into a 0 * inf NaN above T's diagonal here): alpha is then formed from r's finite part and,
         # apart, from the signs of its infinities, whose image under P is scaled to +-inf where it is not zero; the
@@ -245,30 +274,29 @@ class PrecisionFactor(TriangularFactor):
         # always, so that nothing is read back to the host and no graph breaks.
         if r.is_cpu and not torch.compiler.is_compiling() and not _transforms_active():
             if not bool(r.isinf().any()):
-                return z @ self.tensor
+                return self.mul(z)
         infinite = r.isinf()
         finite = torch.where(infinite, 0.0, r)
-        direction = (torch.where(infinite, r.sign(), 0.0) @ self.tensor.mT) @ self.tensor
-        alpha = (finite @ self.tensor.mT) @ self.tensor
+        direction = self.mul(self.mul_t(torch.where(infinite, r.sign(), 0.0)))
+        alpha = self.mul(self.mul_t(finite))
         # sign: no gradient flows from the infinite branch (where's backward would meet 0 * inf in it)
         return alpha + torch.where(direction == 0, 0.0, direction.sign() * math.inf)
 
     def color(self, eps: Tensor) -> Tensor:
-        return _solve_rows(self.tensor, eps, transpose=False)
+        return self.solve(eps, transpose=False)
 
     def sigma_matvec(self, x: Tensor) -> Tensor:
         # Two triangular solves: Sigma = T^{-1} T^{-T} is never formed.
-        y = torch.linalg.solve_triangular(self.tensor.mT, x.mT, upper=True)
-        return torch.linalg.solve_triangular(self.tensor, y, upper=False).mT
+        return self.solve(self.solve(x, transpose=True), transpose=False)
 
     def inv_scale_diag(self) -> Tensor:
         return self.diagonal()
 
     def scale_tril(self) -> Tensor:
-        return tril_inverse(self.tensor)
+        return self.inverse()
 
     def precision_matrix(self) -> Tensor:
-        return precision_from_inverse(self.tensor)
+        return self.outer_sum(self.tensor, self.tensor)
 
     def precision_diagonal(self) -> Tensor:
         # diag(T^T T): the squared column norms of T.
@@ -276,7 +304,7 @@ class PrecisionFactor(TriangularFactor):
 
     def gradient(self, u: Tensor, v: Tensor, count: Tensor) -> Tensor:
         # d log p / dT = -tril(z r^T) + diag(1 / T_ii)
-        return torch.diag_embed(count / self.diagonal()) - torch.tril(u.mT @ v)
+        return torch.diag_embed(count / self.diagonal()) - torch.tril(self.outer_sum(u, v))
 
     def gradient_terms(
         self, weights: Tensor, weighted_alpha: Tensor | None, z: Tensor, r: Tensor
@@ -301,11 +329,6 @@ def tril_inverse(tril: Tensor) -> Tensor:
     :math:`O(d^3/3)`: :math:`L^{-1} = T` for a Cholesky factor, :math:`T^{-1} = L` for a precision factor."""
     eye = torch.eye(tril.shape[-1], dtype=tril.dtype, device=tril.device)
     return torch.linalg.solve_triangular(tril, eye.expand_as(tril), upper=False)
-
-
-def precision_from_inverse(inverse: Tensor) -> Tensor:
-    r""":math:`\Sigma^{-1} = L^{-\top} L^{-1}` from :math:`L^{-1}` (the precision factor ``T`` itself)."""
-    return inverse.mT @ inverse
 
 
 def factor_of_distribution(mvn: object) -> tuple[str, Tensor, Tensor, TriangularFactor]:

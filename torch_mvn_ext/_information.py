@@ -160,7 +160,7 @@ def natural_gradient(dist: JacobianMVN, grads: object) -> dict[str, Tensor]:
         if name == "loc":
             shape = check_event_tensor(key, g, event, batch_shape, device)
             x = Residual(g.to(dtype).expand(shape + event), dist._factor)
-            out[name] = x.full(x.factor.sigma_matvec(x.r))
+            out[name] = x.full(x.factor.sigma_matvec(x.r)).contiguous()  # row-major on either solve route
             continue
         shape = check_event_tensor(key, g, event + event, batch_shape, device)
         g = g.to(dtype)

@@ -33,8 +33,9 @@ from ._checks import (
     validate_parameter,
 )
 from ._derivatives import Residual, check_outs, per_sample, summed_matrix, summed_value
-from ._factor import CholeskyFactor, PrecisionFactor, ScaleTril, TriangularFactor, cholesky, factor_of_distribution
+from ._factor import TriangularFactor, factor_of_distribution
 from ._shapes import broadcast_shapes, event_dims, format_shape
+from ._small import adopt, factor_of
 
 try:  # torch's private sampler of its MVN: torch.randn, or normal_ on a fresh tensor under torch.jit.trace
     from torch.distributions.utils import _standard_normal
@@ -127,13 +128,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
                 validate_parameter(name, matrix, constraints.lower_cholesky)
             elif not all_equal(matrix, matrix.mT):  # exactly symmetric, the usual case: no tolerance check
                 validate_parameter(name, matrix, constraints.symmetric)
-        if name == "covariance_matrix":
-            factor: TriangularFactor = CholeskyFactor(cholesky(matrix, name))
-        elif name == "scale_tril":
-            factor = ScaleTril(matrix)
-        else:
-            factor = PrecisionFactor.of(matrix)
-        self._setup(loc, name, matrix, factor, bool(validate_args), batch_shape)
+        self._setup(loc, name, matrix, factor_of(name, matrix), bool(validate_args), batch_shape)
 
     def _setup(
         self, loc: Tensor, name: str, matrix: Tensor, factor: TriangularFactor, validate_args: bool, batch_shape: Any
@@ -176,6 +171,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
             JacobianMVN: with the source's ``batch_shape``, ``event_shape``, parametrization and numbers.
         """
         name, loc, matrix, factor = factor_of_distribution(mvn)
+        factor = adopt(factor)
         new = cls.__new__(cls)
         batch_shape = broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
         new._setup(loc, name, matrix, factor, bool(mvn._validate_args), batch_shape)
