@@ -1,6 +1,6 @@
-"""A user's typed script: ``tests/test_typing.py`` checks it with ``mypy --strict`` against the package as installed
-(every call below must type-check without a cast or an ignore) and runs it, so that the types the annotations promise
-are the types the calls return.
+"""A user's typed script: ``tests/test_typing.py`` checks it with ``mypy --strict`` against the package where a fresh
+interpreter finds it (every call below must type-check without a cast or an ignore) and runs it, so that the types the
+annotations promise are the types the calls return.
 
 ``assert_type`` fails the type check when the inferred type is not exactly the one written; at run time it does
 nothing, and ``check`` confirms the same type on the real result.
