@@ -56,12 +56,17 @@ allocates as tensors; it does not see Python objects or memory that BLAS/LAPACK 
 Usage::
 
     python benchmarks/run.py                 # full grid, float32 and float64: tens of minutes
-    python benchmarks/run.py --quick         # a few sizes, float32: a minute or two
+    python benchmarks/run.py --quick         # a few sizes, float32: about a minute (43-77 s on 2 shared cores)
     python benchmarks/run.py --device cuda   # the same on a GPU (CPU-only cases skipped)
     python benchmarks/run.py --cases lpg memory --d 8 --n 1 16 --dtypes float32 --rounds 3 --min-time 0.001
+    python benchmarks/run.py --docs          # the full grid, and the reference's copy of the report (see below)
 
-Results go to ``benchmarks/results/`` (``results.json``, ``results.md``, ``speedups.png`` if matplotlib is
-installed), or to ``--out``.
+Results go to ``benchmarks/results/``, or to ``--out``: ``results.json``, ``results.md``, ``results.rst`` and, if
+matplotlib is installed, ``plots/<family>.png``, one picture per family of cases (``lpg``; the ``jac_*`` cases;
+``precision``; ``autograd`` and ``autograd_tril``; ``compiled``; ``out_buffer``; ``svi`` and ``nuts``) with a panel
+per case and baseline (the speedup) and per case with a floor (``library / floor``), against ``N``.
+``--docs`` also writes the report into the reference: ``docs/benchmark_results.rst``, which ``docs/performance.rst``
+includes, with the pictures in ``docs/benchmark_plots/``; it is how that page is regenerated.
 """
 
 import argparse
@@ -70,6 +75,8 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
 import statistics
 import sys
 import time
@@ -82,6 +89,7 @@ from torch_mvn_ext import JacobianMVN
 from torch_mvn_ext._factor import cpuinfo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DOCS = os.path.join(os.path.dirname(HERE), "docs")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CASES = (
     "lpg",
@@ -729,7 +737,66 @@ def _fmt(v, digits=1):
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def markdown(results, targets, meta, skipped):
+# The report's sections: each family of cases gets one picture and its tables (title, cases, file name of the picture).
+FAMILIES = [
+    ("`log_prob_and_grads(x, reduction=\"sum\")` against torch's MVN + autograd (`lpg`)", ("lpg",), "lpg"),
+    ("Per-sample Jacobians against `vmap(grad)` (`jac_loc`, `jac_scale_tril`, `jac_cov`)",
+     ("jac_loc", "jac_scale_tril", "jac_cov"), "jacobians"),
+    ("`log_prob` from a precision matrix (`precision`)", ("precision",), "precision"),
+    ("Autograd through `log_prob` (`autograd`, `autograd_tril`)", ("autograd", "autograd_tril"), "autograd"),
+    ("`torch.compile` (`compiled`)", ("compiled",), "compiled"),
+    ("A reused output buffer, `out=` (`out_buffer`)", ("out_buffer",), "out_buffer"),
+    ("Pyro: an SVI step and a NUTS run (`svi`, `nuts`)", ("svi", "nuts"), "pyro"),
+]
+
+
+def _table(header, rows):
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ] + [""]
+
+
+def family_tables(rows, cases):
+    """Markdown tables of one family's speed rows, per dtype: the speedups (a row per case, baseline and d) and, where
+    the case has a floor, library / floor (a row per case and d); a column per N measured, so that each table stays
+    narrow enough for the page."""
+    lines = []
+    several = len({r["case"] for r in rows}) > 1
+    for dtype in sorted({r["dtype"] for r in rows}):
+        mine = [r for r in rows if r["dtype"] == dtype]
+        baselines = list(dict.fromkeys(r["baseline"] for r in mine))
+        keys = sorted(
+            {(r["case"], r["baseline"], r["d"]) for r in mine},
+            key=lambda k: (cases.index(k[0]), baselines.index(k[1]), k[2]),
+        )
+        ns = sorted({r["N"] for r in mine})
+        cells = {(r["case"], r["baseline"], r["d"], r["N"]): r["speedup"] for r in mine}
+        head = (["case"] if several else []) + ["baseline", "d"]
+        body = [
+            ([case] if several else []) + [baseline, str(d)]
+            + [_fmt(cells.get((case, baseline, d, n))) + ("x" if (case, baseline, d, n) in cells else "") for n in ns]
+            for case, baseline, d in keys
+        ]
+        lines += [f"### Speedup, {dtype}", ""] + _table(head + [f"N={n}" for n in ns], body)
+        floors = {
+            (r["case"], r["d"], r["N"]): r["library_over_floor"] for r in mine if r["library_over_floor"] is not None
+        }
+        if floors:
+            fkeys = sorted({(c, d) for c, d, _ in floors}, key=lambda k: (cases.index(k[0]), k[1]))
+            fns = sorted({n for _, _, n in floors})
+            body = [
+                ([case] if several else []) + [str(d)] + [_fmt(floors.get((case, d, n)), 2) for n in fns]
+                for case, d in fkeys
+            ]
+            head = (["case"] if several else []) + ["d"]
+            lines += [f"### library / floor, {dtype}", ""] + _table(head + [f"N={n}" for n in fns], body)
+    return lines
+
+
+def markdown(results, targets, meta, skipped, pictures=None):
+    """The report in markdown; ``pictures`` maps a family's file name to the path of its picture, as the report
+    should link it (no pictures without it)."""
+    pictures = pictures or {}
     lines = [
         "Speedup = median time of the baseline / median time of torch_mvn_ext (> 1: torch_mvn_ext is faster). "
         "library / floor = median time of torch_mvn_ext without validation (on the rows of the unvalidated or "
@@ -740,101 +807,136 @@ def markdown(results, targets, meta, skipped):
         f"{meta['rounds']} interleaved rounds. Command: `{meta['command']}`",
         "",
     ]
+    if meta.get("load_average"):
+        start, end = meta["load_average"]
+        lines += [
+            f"Load average of the machine (1 minute): {start:.1f} at the start, {end:.1f} at the end; other processes "
+            f"running alongside take time from the timed calls and make the ratios noisier.",
+            "",
+        ]
     speed = [r for r in results if r["kind"] == "speed"]
-    ns = sorted({r["N"] for r in speed})
-    for dtype in sorted({r["dtype"] for r in speed}):
-        lines += [f"### Speedups and library / floor, {dtype}", ""]
-        lines.append("| case | vs | d | " + " | ".join(f"N={n} | N={n} library / floor" for n in ns) + " |")
-        lines.append("| --- | --- | --- | " + " | ".join("--- | ---" for _ in ns) + " |")
-        keys = []
-        for r in speed:
-            if r["dtype"] == dtype and (r["case"], r["baseline"], r["d"]) not in keys:
-                keys.append((r["case"], r["baseline"], r["d"]))
-        cells = {(r["case"], r["baseline"], r["d"], r["N"]): r for r in speed if r["dtype"] == dtype}
-        for case, baseline, d in keys:
-            texts = []
-            for n in ns:
-                r = cells.get((case, baseline, d, n))
-                texts.append("—" if r is None else f"{r['speedup']:.1f}x")
-                floor = None if r is None else r["library_over_floor"]
-                texts.append("—" if floor is None else f"{floor:.2f}")
-            lines.append(f"| {case} | {baseline} | {d} | {' | '.join(texts)} |")
-        lines.append("")
+    for title, cases, name in FAMILIES:
+        rows = [r for r in speed if r["case"] in cases]
+        if not rows:
+            continue
+        lines += [f"## {title}", ""]
+        if name in pictures:
+            lines += [f"![speedups and library / floor, {name}]({pictures[name]})", ""]
+        lines += family_tables(rows, cases)
     memory = [r for r in results if r["kind"] == "memory"]
     if memory:
-        lines += ["### Peak memory of the matrix Jacobians (multiple of the N x d x d output)", ""]
-        lines.append("| dtype | d | N | implementation | peak / output | peak (MiB) |")
-        lines.append("| --- | --- | --- | --- | --- | --- |")
-        for r in memory:
-            lines.append(
-                f"| {r['dtype']} | {r['d']} | {r['N']} | {r['impl']} | {r['peak_over_output']:.2f} | "
-                f"{r['peak_bytes'] / 2**20:.1f} |"
-            )
-        lines.append("")
+        lines += ["## Peak memory of the matrix Jacobians (multiple of the N x d x d output)", ""]
+        body = [
+            [r["dtype"], str(r["d"]), str(r["N"]), r["impl"], f"{r['peak_over_output']:.2f}",
+             f"{r['peak_bytes'] / 2**20:.1f}"]
+            for r in memory
+        ]
+        lines += _table(["dtype", "d", "N", "implementation", "peak / output", "peak (MiB)"], body)
     if targets:
-        lines += ["### Targets (float32; torch and the library with default validation)", ""]
-        lines.append("| target | required | measured | met |")
-        lines.append("| --- | --- | --- | --- |")
-        for t in targets:
-            met = "n/a" if t["met"] is None else ("yes" if t["met"] else "no")
-            lines.append(f"| {t['target']} | {t['required']} | {_fmt(t['measured'], 2)} | {met} |")
-        lines.append("")
+        lines += ["## Targets (float32; torch and the library with default validation)", ""]
+        body = [
+            [t["target"], t["required"], _fmt(t["measured"], 2),
+             "n/a" if t["met"] is None else ("yes" if t["met"] else "no")]
+            for t in targets
+        ]
+        lines += _table(["target", "required", "measured", "met"], body)
     if skipped:
-        lines += ["### Skipped", ""]
+        lines += ["## Skipped", ""]
         for reason, where in skipped.items():
             lines.append(f"- {reason} ({', '.join(where)})")
         lines.append("")
     return "\n".join(lines)
 
 
-def plot(results, path):
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
-        print("matplotlib is not installed (pip install torch_mvn_ext[plot]): no plot", file=sys.stderr)
-        return False
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    speed = [r for r in results if r["kind"] == "speed"]
-    # One panel per (case, baseline): the speedup; one per case with a floor: library / floor (the "ours" variant).
-    series = {}
-    for r in speed:
-        panel = (f"{r['case']} vs {r['baseline']}", "speedup")
-        series.setdefault(panel, {}).setdefault((r["dtype"], r["d"]), {})[r["N"]] = r["speedup"]
-        if r["library_over_floor"] is not None and r["ours"] in FLOOR_VARIANTS:
-            panel = (f"{r['case']}: library / floor", "time ratio")
-            series.setdefault(panel, {}).setdefault((r["dtype"], r["d"]), {})[r["N"]] = r["library_over_floor"]
-    panels = list(series)
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-    colors = {d: f"C{i}" for i, d in enumerate(sorted({r["d"] for r in speed}))}
-    styles = {"float32": "-", "float64": "--"}
-    for ax, (title, ylabel) in zip(axes.flat, panels):
-        for (dtype, d), points in series[title, ylabel].items():
+    return plt
+
+
+def plot_family(plt, rows, cases, title, path):
+    """One picture of a family: a panel per case and baseline (the speedup) and per case with a floor (library /
+    floor), each against N, a line per d (colour) and dtype (line style); the grey line is parity."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    panels = {}
+    for r in sorted(rows, key=lambda r: cases.index(r["case"])):
+        key = (f"{r['case']} vs {r['baseline']}", "speedup")
+        panels.setdefault(key, {}).setdefault((r["dtype"], r["d"]), {})[r["N"]] = r["speedup"]
+    for r in rows:
+        if r["library_over_floor"] is not None:
+            key = (f"{r['case']}: library / floor", "library / floor")
+            panels.setdefault(key, {}).setdefault((r["dtype"], r["d"]), {})[r["N"]] = r["library_over_floor"]
+    ds = sorted({r["d"] for r in rows})
+    dtypes = sorted({r["dtype"] for r in rows})
+    colors = {d: f"C{i}" for i, d in enumerate(ds)}
+    styles = dict(zip(["float32", "float64"], ["-", "--"]))
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.7 * nrows + 0.5), squeeze=False)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for ax, ((label, ylabel), series) in zip(axes.flat, panels.items()):
+        values = [v for points in series.values() for v in points.values()]
+        for (dtype, d), points in sorted(series.items()):
             ns = sorted(points)
-            ax.plot(ns, [points[n] for n in ns], styles[dtype], color=colors[d], marker="o", label=f"d={d} {dtype}")
+            ax.plot(ns, [points[n] for n in ns], styles.get(dtype, ":"), color=colors[d], marker="o", ms=3)
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("N")
-        ax.set_ylabel(ylabel)
+        ns = sorted({n for points in series.values() for n in points})
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
+        if max(values) / min(values) > 3:  # a log axis for ratios over a wide range
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("N", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    if panels:
-        axes.flat[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    handles = [Line2D([], [], color=colors[d], marker="o", ms=3, label=f"d={d}") for d in ds]
+    handles += [Line2D([], [], color="black", ls=styles.get(t, ":"), label=t) for t in dtypes]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title.replace("`", ""), fontsize=10)
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return True
+
+
+def clear_pictures(folder):
+    """Makes ``folder`` and removes the families' pictures of an earlier run from it (nothing else)."""
+    os.makedirs(folder, exist_ok=True)
+    for _, _, name in FAMILIES:
+        if os.path.exists(os.path.join(folder, f"{name}.png")):
+            os.remove(os.path.join(folder, f"{name}.png"))
+
+
+def write_pictures(plt, results, folder):
+    """A PNG per family with results into ``folder`` (see :func:`clear_pictures`); returns ``{family: file name}``."""
+    clear_pictures(folder)
+    speed = [r for r in results if r["kind"] == "speed"]
+    written = {}
+    for title, cases, name in FAMILIES:
+        rows = [r for r in speed if r["case"] in cases]
+        if rows:
+            plot_family(plt, rows, cases, title, os.path.join(folder, f"{name}.png"))
+            written[name] = f"{name}.png"
+    return written
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--quick", action="store_true", help="float32, d in (8, 64), N in (1, 1024), fewer rounds: a minute or two"
+        "--quick", action="store_true", help="float32, d in (8, 64), N in (1, 1024), fewer rounds: about a minute"
     )
     p.add_argument("--cases", nargs="+", choices=CASES, default=None, help="cases to run (default: all)")
     p.add_argument("--d", nargs="+", type=int, default=None, help="event sizes (default 2 8 64 256)")
@@ -862,8 +964,20 @@ def parse_args(argv=None):
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled case")
     p.add_argument("--out-batch", type=int, default=4096, help="points per batch in the out_buffer case")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="no pictures (they need matplotlib)")
+    p.add_argument(
+        "--docs",
+        nargs="?",
+        const=DOCS,
+        default=None,
+        metavar="DIR",
+        help="also write the report for the reference: DIR/benchmark_results.rst, which docs/performance.rst\n"
+        "includes, and its pictures in DIR/benchmark_plots/ (DIR: the repository's docs/ if not given;\n"
+        "needs matplotlib)",
+    )
     args = p.parse_args(argv)
+    if args.docs is not None and (args.no_plot or pyplot() is None):
+        p.error("--docs needs the pictures: matplotlib installed (pip install matplotlib) and no --no-plot")
     quick = args.quick
     if args.extra_sizes is None:  # the d=256, N=4096 target point, unless sizes are given
         args.extra_sizes = ["256x4096"] if args.d is None and args.n is None and not quick else []
@@ -906,11 +1020,19 @@ def main(argv=None):
         "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     start = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     results, skipped = run(args)
     targets = check_targets(results)
     meta["seconds"] = round(time.perf_counter() - start, 1)
+    if load_start is not None:
+        meta["load_average"] = [load_start, os.getloadavg()[0]]
     os.makedirs(args.out, exist_ok=True)
-    text = markdown(results, targets, meta, skipped)
+    plt = None if args.no_plot else pyplot()
+    if plt is None and not args.no_plot:
+        print("matplotlib is not installed (pip install matplotlib): no pictures", file=sys.stderr)
+    plots = os.path.join(args.out, "plots")
+    pictures = write_pictures(plt, results, plots) if plt is not None else {}
+    text = markdown(results, targets, meta, skipped, {k: f"plots/{v}" for k, v in pictures.items()})
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, "results.rst"), "w") as f:
@@ -919,15 +1041,24 @@ def main(argv=None):
         json.dump({"meta": meta, "results": results, "targets": targets, "skipped": skipped}, f, indent=1)
     print()
     print(text)
-    if not args.no_plot and plot(results, os.path.join(args.out, "speedups.png")):
-        print(f"plot: {os.path.join(args.out, 'speedups.png')}")
+    if args.docs is not None:
+        # The reference's copy: the same report, its pictures next to it in benchmark_plots/.
+        docs_plots = os.path.join(args.docs, "benchmark_plots")
+        clear_pictures(docs_plots)
+        for name in pictures.values():
+            shutil.copyfile(os.path.join(plots, name), os.path.join(docs_plots, name))
+        docs_text = markdown(results, targets, meta, skipped, {k: f"benchmark_plots/{v}" for k, v in pictures.items()})
+        with open(os.path.join(args.docs, "benchmark_results.rst"), "w") as f:
+            f.write(markdown_to_rst(docs_text))
+        print(f"reference: {os.path.join(args.docs, 'benchmark_results.rst')} and {docs_plots}")
     print(f"results: {args.out} ({meta['seconds']} s)")
     return 0
 
 
 def markdown_to_rst(text):
-    """The report in reStructuredText, for the reference (``docs/performance.rst`` includes it): ``#`` headings become
-    rubrics, pipe tables list-tables, other lines stay as they are."""
+    """The report in reStructuredText, for the reference (``docs/performance.rst`` includes it under its "Results"
+    section): ``##`` headings become subsections (``~``), ``###`` rubrics, pipe tables list-tables, ``![alt](path)``
+    images; other lines stay as they are."""
     out, table = [], []
 
     def flush():
@@ -948,8 +1079,14 @@ def markdown_to_rst(text):
             table.append(line)
             continue
         flush()
-        if line.startswith("#"):
-            out.extend(["", f".. rubric:: {line.lstrip('#').strip()}", ""])
+        image = re.fullmatch(r"!\[(.*)\]\((.*)\)", line)
+        if image:
+            out.extend(["", f".. image:: {image[2]}", f"   :alt: {image[1]}", ""])
+        elif line.startswith("## "):
+            title = line[3:].strip().replace("`", "``")
+            out.extend(["", title, "~" * len(title), ""])
+        elif line.startswith("#"):
+            out.extend(["", f".. rubric:: {line.lstrip('#').strip().replace('`', '``')}", ""])
         else:
             out.append(line.replace("`", "``").replace("````", "``"))
     flush()

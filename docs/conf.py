@@ -40,25 +40,6 @@ html_theme = "furo"
 html_title = f"torch_mvn_ext {release}"
 html_static_path = []
 
-# The benchmark's plot is written by ``python benchmarks/run.py`` (an ignored output, absent from a fresh
-# checkout); performance.rst shows it where it exists and says how to make it otherwise.
-BENCHMARK_PLOT = ROOT / "benchmarks" / "results" / "speedups.png"
-PLOT_MARKER = ".. benchmark-plot"
-
-
-def _benchmark_plot(app, docname, source):
-    if docname != "performance":
-        return
-    if BENCHMARK_PLOT.exists():
-        block = f".. image:: /../{BENCHMARK_PLOT.relative_to(ROOT).as_posix()}\n   :alt: speedups against d and N\n"
-    else:
-        block = (
-            "No plot in this build: ``benchmarks/results/speedups.png`` is written by ``python benchmarks/run.py`` "
-            "(with matplotlib installed), and the documentation shows it when built after such a run.\n"
-        )
-    source[0] = source[0].replace(PLOT_MARKER, block)
-
-
 # examples.rst lists every script in examples/ from its module docstring (summary line, description, and the
 # commands after "Run:"), so a new example appears without editing the page.
 EXAMPLES_MARKER = ".. examples-list"
@@ -86,5 +67,4 @@ def _examples_list(app, docname, source):
 
 
 def setup(app):
-    app.connect("source-read", _benchmark_plot)
     app.connect("source-read", _examples_list)

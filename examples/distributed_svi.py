@@ -15,6 +15,24 @@ Run:
 import argparse
 import os
 
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--dim", type=int, default=3, help="dimension of mu")
+    parser.add_argument("--num-data", type=int, default=64, help="rows of data, split across the processes")
+    parser.add_argument("--num-steps", type=int, default=200, help="optimizer steps")
+    parser.add_argument("--num-particles", type=int, default=8, help="ELBO particles per step")
+    parser.add_argument("--lr", type=float, default=0.1, help="initial Adam learning rate (decays 100-fold)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the guide samples")
+    parser.add_argument("--output", default=None, help="save the final guide parameters here (rank 0); none if unset")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before torch loads, so that --help answers at once
+
 import pyro
 import torch
 import torch.distributed as dist
@@ -107,12 +125,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=3)
-    parser.add_argument("--num-data", type=int, default=64)
-    parser.add_argument("--num-steps", type=int, default=200)
-    parser.add_argument("--num-particles", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None, help="save the final guide parameters here (rank 0)")
-    main(parser.parse_args())
+    main(ARGS)

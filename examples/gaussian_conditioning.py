@@ -11,6 +11,21 @@ Run: python examples/gaussian_conditioning.py [--dim 6] [--num-rows 500] [--miss
 
 import argparse
 
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--dim", type=int, default=6, help="event size d of the joint Gaussian")
+    parser.add_argument("--num-rows", type=int, default=500, help="rows of data to impute")
+    parser.add_argument("--missing", type=float, default=0.3, help="probability that a coordinate is hidden")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Gaussian, the data and the hidden cells")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before torch loads, so that --help answers at once
+
 import torch
 
 from torch_mvn_ext import JacobianMVN
@@ -72,9 +87,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=6)
-    parser.add_argument("--num-rows", type=int, default=500)
-    parser.add_argument("--missing", type=float, default=0.3, help="probability that a coordinate is hidden")
-    parser.add_argument("--seed", type=int, default=0)
-    main(parser.parse_args())
+    main(ARGS)

@@ -17,6 +17,21 @@ Run: python examples/jacobians.py [--dim 5] [--num-points 2000]
 import argparse
 import time
 
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--dim", type=int, default=5, help="event size d")
+    parser.add_argument("--num-points", type=int, default=2000, help="points for the per-sample Jacobians")
+    parser.add_argument("--loop-points", type=int, default=50, help="points timed in the autograd loop")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the points")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before torch loads, so that --help answers at once
+
 import torch
 from torch.distributions import MultivariateNormal
 from torch.func import grad, vmap
@@ -81,9 +96,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=5)
-    parser.add_argument("--num-points", type=int, default=2000)
-    parser.add_argument("--loop-points", type=int, default=50, help="points timed in the autograd loop")
-    parser.add_argument("--seed", type=int, default=0)
-    main(parser.parse_args())
+    main(ARGS)

@@ -19,6 +19,31 @@ Run: python examples/natural_gradient_vi.py [--num-data 200] [--dim 5] [--adam-s
 
 import argparse
 
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--num-data", type=int, default=200, help="data points")
+    parser.add_argument("--dim", type=int, default=5, help="weights, the intercept included")
+    parser.add_argument("--prior-scale", type=float, default=2.0, help="prior standard deviation of each weight")
+    parser.add_argument("--num-nodes", type=int, default=32, help="Gauss-Hermite nodes")
+    parser.add_argument("--ng-steps", type=int, default=10, help="natural-gradient steps")
+    parser.add_argument("--step-size", type=float, default=1.0, help="natural-gradient step size")
+    parser.add_argument("--adam-steps", type=int, default=200, help="Adam steps")
+    parser.add_argument("--lr", type=float, default=0.2, help="Adam learning rate")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="ELBO gap counted as converged")
+    parser.add_argument("--print-every", type=int, default=25, help="print Adam's ELBO every this many steps")
+    parser.add_argument("--plot", action="store_true", help="save the ELBO curves with matplotlib")
+    parser.add_argument("--output", default="natural_gradient_vi.png", help="file the plot is saved to")
+    parser.add_argument("--num-threads", type=int, default=1, help="torch threads; one suits this tiny problem")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before torch loads, so that --help answers at once
+
 import numpy as np
 import torch
 
@@ -165,19 +190,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-data", type=int, default=200)
-    parser.add_argument("--dim", type=int, default=5)
-    parser.add_argument("--prior-scale", type=float, default=2.0)
-    parser.add_argument("--num-nodes", type=int, default=32, help="Gauss-Hermite nodes")
-    parser.add_argument("--ng-steps", type=int, default=10)
-    parser.add_argument("--step-size", type=float, default=1.0, help="natural-gradient step size")
-    parser.add_argument("--adam-steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=0.2, help="Adam learning rate")
-    parser.add_argument("--tolerance", type=float, default=1e-3, help="ELBO gap counted as converged")
-    parser.add_argument("--print-every", type=int, default=25)
-    parser.add_argument("--plot", action="store_true", help="save the ELBO curves with matplotlib")
-    parser.add_argument("--output", default="natural_gradient_vi.png")
-    parser.add_argument("--num-threads", type=int, default=1, help="torch threads; one suits this tiny problem")
-    parser.add_argument("--seed", type=int, default=0)
-    main(parser.parse_args())
+    main(ARGS)

@@ -8,6 +8,24 @@ Run: python examples/pyro_nuts.py [--dim 3] [--rho 0.9] [--num-samples 200] [--j
 
 import argparse
 
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--dim", type=int, default=3, help="dimension of the latent x")
+    parser.add_argument("--rho", type=float, default=0.9, help="correlation of every pair of coordinates in Sigma")
+    parser.add_argument("--num-data", type=int, default=20, help="observations y_i")
+    parser.add_argument("--num-samples", type=int, default=200, help="NUTS samples kept")
+    parser.add_argument("--warmup-steps", type=int, default=150, help="NUTS warm-up (adaptation) steps")
+    parser.add_argument("--jit", action="store_true", help="compile the potential with torch.jit")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the sampler")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before torch loads, so that --help answers at once
+
 import pyro
 import torch
 from pyro.infer import MCMC, NUTS
@@ -56,12 +74,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=3)
-    parser.add_argument("--rho", type=float, default=0.9)
-    parser.add_argument("--num-data", type=int, default=20)
-    parser.add_argument("--num-samples", type=int, default=200)
-    parser.add_argument("--warmup-steps", type=int, default=150)
-    parser.add_argument("--jit", action="store_true", help="compile the potential with torch.jit")
-    parser.add_argument("--seed", type=int, default=0)
-    main(parser.parse_args())
+    main(ARGS)

@@ -7,6 +7,24 @@ Run: python examples/pyro_svi.py [--num-features 3] [--num-data 100] [--num-step
 
 import argparse
 
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--num-features", type=int, default=3, help="regression weights")
+    parser.add_argument("--num-data", type=int, default=100, help="observations")
+    parser.add_argument("--num-steps", type=int, default=400, help="SVI steps")
+    parser.add_argument("--num-particles", type=int, default=16, help="ELBO particles per step")
+    parser.add_argument("--noise", type=float, default=0.5, help="observation noise standard deviation")
+    parser.add_argument("--lr", type=float, default=0.1, help="ClippedAdam learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the fit")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before torch loads, so that --help answers at once
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -64,12 +82,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-features", type=int, default=3)
-    parser.add_argument("--num-data", type=int, default=100)
-    parser.add_argument("--num-steps", type=int, default=400)
-    parser.add_argument("--num-particles", type=int, default=16)
-    parser.add_argument("--noise", type=float, default=0.5)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    main(parser.parse_args())
+    main(ARGS)

@@ -5,6 +5,20 @@ Run: python examples/quickstart.py [--dim 4] [--num-samples 1000]
 
 import argparse
 
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--dim", type=int, default=4, help="event size d of the Gaussian")
+    parser.add_argument("--num-samples", type=int, default=1000, help="points drawn and differentiated at")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the samples")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # before torch loads, so that --help answers at once
+
 import torch
 from torch.distributions import MultivariateNormal
 
@@ -55,8 +69,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=4)
-    parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    main(parser.parse_args())
+    main(ARGS)

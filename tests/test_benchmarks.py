@@ -7,8 +7,11 @@ and the agreement between this library and each baseline and hand-written floor 
 import inspect
 import json
 import pathlib
+import re
 import subprocess
 import sys
+
+import pytest
 
 from torch_mvn_ext import JacobianMVN
 
@@ -18,8 +21,8 @@ CASES = FLOOR_CASES + ["svi", "nuts"]
 HAS_OUT = "out" in inspect.signature(JacobianMVN.jacobian).parameters
 
 
-def run_script(tmp_path, args, timeout):
-    args = [*args, "--rounds", "1", "--min-time", "0", "--no-plot", "--out", str(tmp_path)]
+def run_script(tmp_path, args, timeout, plot=False):
+    args = [*args, "--rounds", "1", "--min-time", "0", "--out", str(tmp_path), *([] if plot else ["--no-plot"])]
     result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout, json.loads((tmp_path / "results.json").read_text())
@@ -37,7 +40,7 @@ def test_benchmark_script_runs_at_tiny_sizes(tmp_path):
     args = ["--cases", *CASES, "out_buffer", "memory", "--d", "3", "--n", "1", "8", "--dtypes", "float32", "float64"]
     args += ["--memory-min-n", "8", "--nuts-samples", "2", "--out-batch", "4"]
     stdout, report = run_script(tmp_path, args, timeout=300)
-    assert "Speedups and library / floor, float32" in stdout
+    assert "### Speedup, float32" in stdout and "### library / floor, float64" in stdout
 
     speed = [r for r in report["results"] if r["kind"] == "speed"]
     assert {r["case"] for r in speed} == set(CASES) | ({"out_buffer"} if HAS_OUT else set())
@@ -62,8 +65,9 @@ def test_benchmark_script_runs_at_tiny_sizes(tmp_path):
         assert r["peak_bytes"] >= r["output_bytes"]
 
     md = (tmp_path / "results.md").read_text()
-    assert "| case | vs | d | N=1 | N=1 library / floor | N=8 | N=8 library / floor |" in md
-    assert "| lpg | torch | 3 |" in md
+    assert "| baseline | d | N=1 | N=8 |" in md  # lpg's speedups: one case, so no case column
+    assert "| torch | 3 | " in md
+    assert "| case | baseline | d | N=1 | N=8 |" in md  # the Jacobians': three cases
     targets = {t["target"] for t in report["targets"]}
     expected = {"lpg vs torch, d=8, N=1", "lpg, ours_noval / floor, d=8, N=1"}
     assert expected | {"jac_cov, ours_noval / floor, d=64, N=1024"} <= targets
@@ -92,3 +96,45 @@ def test_solve_benchmark_runs_and_checks_its_routes():
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("float")]
     assert [(r[0], r[1], r[2]) for r in rows] == [("float32", "3", "5"), ("float64", "3", "5")]
     assert all(float(x) > 0 for r in rows for x in r[3:6] + r[8:])  # times and ratios (GF/s rounds to 0 here)
+
+
+def test_report_for_the_reference_has_a_picture_per_family_and_narrow_tables(tmp_path):
+    """``--docs DIR`` writes ``DIR/benchmark_results.rst`` with one PNG per family of cases run, in
+    ``DIR/benchmark_plots/``, shown with ``.. image::``; a family's picture from an earlier run that this one has no
+    results for is removed, other files are left alone; every table has at most 7 columns."""
+    pytest.importorskip("matplotlib", reason="the pictures need matplotlib (the plot extra)")
+    docs = tmp_path / "docs"
+    (docs / "benchmark_plots").mkdir(parents=True)
+    (docs / "benchmark_plots" / "precision.png").write_bytes(b"stale")  # no precision case below
+    (docs / "benchmark_plots" / "other.png").write_bytes(b"not ours")
+    args = ["--cases", "lpg", "jac_loc", "jac_cov", "svi", "--d", "3", "--n", "1", "8", "--dtypes", "float32"]
+    run_script(tmp_path / "results", [*args, "--docs", str(docs)], timeout=300, plot=True)
+
+    families = ["lpg", "jacobians", "pyro"]
+    pictures = sorted(p.name for p in (docs / "benchmark_plots").iterdir())
+    assert pictures == sorted([f"{name}.png" for name in families] + ["other.png"])
+    for name in families:
+        for folder in (docs / "benchmark_plots", tmp_path / "results" / "plots"):
+            assert (folder / f"{name}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+    rst = (docs / "benchmark_results.rst").read_text()
+    assert re.findall(r"^\.\. image:: (\S+)$", rst, flags=re.M) == [f"benchmark_plots/{n}.png" for n in families]
+    assert (tmp_path / "results" / "results.rst").read_text() == rst.replace("benchmark_plots/", "plots/")
+    tables = rst.split(".. list-table::")[1:]
+    assert tables
+    for table in tables:
+        header = table.split("\n   * - ")[1]  # the header row, up to the first data row
+        assert header.count("\n     - ") + 1 <= 7, header
+
+    docutils_core = pytest.importorskip("docutils.core")  # the docs extra; the reference build checks it too
+    docutils_core.publish_doctree(rst, settings_overrides={"halt_level": 2, "report_level": 2})
+
+
+def test_docs_without_pictures_is_refused_before_running(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--docs", str(tmp_path), "--no-plot", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--docs needs the pictures" in result.stderr
+    assert not list(tmp_path.iterdir())

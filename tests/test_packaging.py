@@ -1,4 +1,5 @@
-"""The wheel installs into a fresh virtual environment and works from there, away from the source tree.
+"""The project's configuration files each hold their own settings; the wheel installs into a fresh virtual
+environment and works from there, away from the source tree.
 
 The wheel is the one named by the ``TORCH_MVN_EXT_WHEEL`` environment variable (CI builds it once, with
 ``python -m build``, and passes it here), or else one built from a copy of this checkout with the running
@@ -8,6 +9,7 @@ interpreter is itself a virtual environment's, and a plain path line (unlike ``s
 environment's ``.pth`` hooks, such as the finder of an editable install of this package.
 """
 
+import configparser
 import json
 import os
 import pathlib
@@ -23,12 +25,10 @@ import zipfile
 
 import pytest
 
-pytestmark = pytest.mark.slow  # a wheel build, a virtual environment with pip, and a fresh torch import: 15-40 s
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WHEEL_ENV = "TORCH_MVN_EXT_WHEEL"
 # What a wheel build reads; copied so that the checkout's build/ folder (stale files included) plays no part.
-BUILD_INPUTS = ["pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "torch_mvn_ext"]
+BUILD_INPUTS = ["pyproject.toml", "setup.cfg", "README.md", "LICENSE", "MANIFEST.in", "torch_mvn_ext"]
 
 CHECK = textwrap.dedent(
     """
@@ -56,6 +56,19 @@ CHECK = textwrap.dedent(
 )
 
 
+def test_each_setting_has_one_home():
+    """setup.cfg holds mypy's configuration and nothing else; pyproject.toml holds the metadata, the build and the
+    other tools' settings, and no mypy table (mypy would read that one and ignore setup.cfg without a word)."""
+    cfg = configparser.ConfigParser()
+    assert cfg.read(ROOT / "setup.cfg"), "setup.cfg is missing"
+    assert "mypy" in cfg.sections()
+    assert all(s == "mypy" or s.startswith("mypy-") for s in cfg.sections()), cfg.sections()
+    assert cfg["mypy"]["files"] == "torch_mvn_ext"  # what `mypy` with no arguments checks, in .ci/run
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert not re.search(r"^\[+tool\.mypy", pyproject, flags=re.M)
+    assert re.search(r"^\[project\]", pyproject, flags=re.M)  # the metadata: nowhere else
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     given = os.environ.get(WHEEL_ENV)
@@ -77,6 +90,7 @@ def wheel(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # a wheel build (unless CI gives one): 10-20 s
 def test_wheel_holds_the_package_and_its_type_marker(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "torch_mvn_ext/py.typed" in names
@@ -84,6 +98,7 @@ def test_wheel_holds_the_package_and_its_type_marker(wheel):
     assert not [n for n in names if n.startswith(("tests/", "examples/", "benchmarks/", "docs/"))], names
 
 
+@pytest.mark.slow  # a virtual environment with pip and a fresh torch import: 15-40 s
 def test_installed_wheel_imports_outside_the_source_tree(wheel, tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)

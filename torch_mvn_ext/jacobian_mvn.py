@@ -1,14 +1,15 @@
 r"""The distribution: :class:`JacobianMVN`, torch's ``MultivariateNormal`` with closed-form derivatives.
 
-The class reads like torch's ``MultivariateNormal``; the derivative methods at its end delegate to the module that
-holds their math: :mod:`._factor` (the triangular factor), :mod:`._derivatives` (Jacobians and summed gradients),
-:mod:`._autograd` (``log_prob``'s backward), :mod:`._information` (Fisher information, natural gradients) and
-:mod:`._conditioning` (marginals and conditionals); :mod:`._checks` holds the argument checks.
+The class reads like torch's ``MultivariateNormal``; the derivative methods at its end delegate to the private module
+that holds their math: ``_factor`` (the triangular factor), ``_derivatives`` (Jacobians and summed gradients),
+``_autograd`` (``log_prob``'s backward), ``_information`` (Fisher information, natural gradients) and
+``_conditioning`` (marginals and conditionals); ``_checks`` holds the argument checks.
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from collections.abc import Sequence
+from typing import Any, Union, overload
 
 import pyro.distributions
 import torch
@@ -78,7 +79,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
     ``dist.MultivariateNormal``, parametrized by exactly one of a covariance matrix :math:`\Sigma`, a precision
     matrix :math:`P = \Sigma^{-1}` or a lower-triangular :math:`L` with :math:`\Sigma = L L^\top`.
 
-    All methods share one triangular factor (:mod:`torch_mvn_ext._factor`), computed once in ``__init__``: the
+    All methods share one triangular factor, computed once in ``__init__``: the
     Cholesky factor :math:`L` of :math:`\Sigma`, or for the precision parametrization :math:`T = L^{-1}` with
     :math:`P = T^\top T`, so that nothing there forms :math:`\Sigma` or inverts :math:`P` unless asked for
     ``scale_tril``, ``covariance_matrix`` (lazy, as are the other derived matrices) or a derivative that needs it.
@@ -180,7 +181,24 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         return new if new.batch_shape == mvn.batch_shape else new.expand(mvn.batch_shape)
 
     @quiet_under_jit_trace
-    def expand(self, batch_shape: _size, _instance: Any = None) -> JacobianMVN:
+    def expand(self, batch_shape: _size, _instance: JacobianMVN | None = None) -> JacobianMVN:
+        r"""This distribution with a larger batch shape, as torch's ``expand``: ``loc`` and the matrix argument become
+        expanded views (nothing is copied), and the factor and every derived matrix computed so far are shared, not
+        recomputed. The result is of the same class, with the same parametrization and ``validate_args``.
+
+        Example::
+
+            >>> d = JacobianMVN(torch.zeros(3), covariance_matrix=torch.eye(3))
+            >>> d.expand((4,)).batch_shape
+            torch.Size([4])
+
+        Args:
+            batch_shape (torch.Size or sequence of int): the new batch shape, to which the current one broadcasts.
+            _instance: an instance for a subclass's own ``expand`` to fill in (torch's convention); leave it out.
+
+        Returns:
+            JacobianMVN: batch shape ``batch_shape``, the same event shape.
+        """
         new = self._get_checked_instance(JacobianMVN, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
@@ -276,6 +294,19 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
 
     # ----------------------------------------------------------------------------------------------
     # Derivatives, information geometry and Gaussian algebra.
+
+    @overload
+    def jacobian(self, value: Tensor, wrt: str = ..., *, layout: str = ..., out: Tensor | None = ...) -> Tensor: ...
+
+    @overload
+    def jacobian(
+        self,
+        value: Tensor,
+        wrt: tuple[str, ...] | list[str],
+        *,
+        layout: str = ...,
+        out: dict[str, Tensor] | None = ...,
+    ) -> dict[str, Tensor]: ...
 
     @quiet_under_jit_trace
     def jacobian(
@@ -400,10 +431,22 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         r"""The Fisher information matrix of each batch member, in closed form, in the coordinates of ``wrt``.
 
         It is the covariance of the per-sample score ``jacobian(x, wrt, layout="vech")`` under ``x ~ self`` and
-        minus the expected Hessian of ``log_prob`` in those coordinates: :math:`P` for ``"loc"``; for the
-        matrices, in the vech coordinates, the formulas of :mod:`torch_mvn_ext._information`, gathered entry by entry
-        (never through a :math:`d^2 \times d^2` Kronecker product) into the output in chunks, after a check that it
-        fits in the device's memory (``ValueError`` otherwise).
+        minus the expected Hessian of ``log_prob`` in those coordinates. For the matrices the coordinates are the
+        entries :math:`(i, j)`, :math:`i \ge j`, in ``torch.tril_indices`` order, and Isserlis' theorem (the fourth
+        moments of a Gaussian) gives, per batch member:
+
+        * ``"loc"``: :math:`P`;
+        * ``"covariance_matrix"`` and ``"precision_matrix"``: with :math:`M = P`, respectively :math:`M = \Sigma`,
+          and :math:`w_{ij} = 1` on the diagonal, 2 off it (the vech coordinate :math:`(i, j)` stands for both
+          :math:`(i, j)` and :math:`(j, i)`),
+          :math:`F_{(ij),(kl)} = \frac{w_{ij} w_{kl}}{4} (M_{ik} M_{jl} + M_{il} M_{jk})`, which is
+          :math:`\frac12 D^\top (M \otimes M) D` with the duplication matrix :math:`D`;
+        * ``"scale_tril"``: :math:`F_{(ij),(kl)} = P_{ik}\,\delta_{jl} + \delta_{ik}\delta_{jl}\delta_{ij} / L_{ii}^2`:
+          one block :math:`P_{j:,\,j:}` per column :math:`j` of :math:`L`, plus :math:`1 / L_{jj}^2` on the entries
+          of its diagonal.
+
+        The entries are gathered one by one (never through a :math:`d^2 \times d^2` Kronecker product) into the
+        output in chunks, after a check that it fits in the device's memory (``ValueError`` otherwise).
 
         Args:
             wrt (str): ``"loc"``, ``"covariance_matrix"``, ``"precision_matrix"`` or ``"scale_tril"``.
@@ -445,14 +488,22 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         """
         return _information.natural_gradient(self, grads)
 
-    def marginal(self, dims: Any) -> JacobianMVN:
+    def marginal(self, dims: Sequence[int] | Tensor) -> JacobianMVN:
         r"""The distribution of ``x[..., dims]``: mean ``loc[..., dims]``, covariance :math:`\Sigma_{aa}` with
-        :math:`a` = ``dims``, built the cheapest way the factor allows (:func:`torch_mvn_ext._conditioning.marginal`:
-        a block of the factor for leading ``dims``, never an inverse).
+        :math:`a` = ``dims``, built the cheapest way the factor allows and without any inverse:
+
+        * ``dims`` the leading indices ``0, ..., m-1``: the leading :math:`m \times m` block of the factor is the
+          marginal's factor (its ``scale_tril`` :math:`L_{aa}`; from a precision factor :math:`T`, with
+          :math:`P = T^\top T`, the marginal precision :math:`T_{aa}^\top T_{aa}`);
+        * otherwise, precision-parametrized: the precision :math:`P_{aa} - P_{ab} P_{bb}^{-1} P_{ba}` (:math:`b` the
+          other indices), through the Cholesky factor of :math:`P_{bb}`, without forming :math:`\Sigma`;
+        * otherwise: the covariance :math:`\Sigma_{aa}`, a sub-block of the covariance matrix (or
+          :math:`L_{a:} L_{a:}^\top` from rows of ``scale_tril``).
 
         Args:
-            dims (sequence of int): the event indices to keep, in the order wanted, no repeats; negative indices
-                count from the end as in Python indexing.
+            dims (sequence of int or Tensor): the event indices to keep, in the order wanted, no repeats: a list,
+                tuple or range of ints or a 1-d integer tensor; negative indices count from the end as in Python
+                indexing.
 
         Returns:
             JacobianMVN: batch shape ``batch_shape``, event shape ``(len(dims),)``; differentiable w.r.t. ``loc``
@@ -465,19 +516,24 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         out = JacobianMVN(loc, **{name: matrix}, validate_args=self._validate_args)
         return out if out.batch_shape == self._batch_shape else out.expand(self._batch_shape)
 
-    def condition(self, dims: Any, value: Tensor) -> JacobianMVN:
+    def condition(self, dims: Sequence[int] | Tensor, value: Tensor) -> JacobianMVN:
         r"""The distribution of the remaining coordinates (in their original order) given ``x[..., dims] = value``.
 
         With :math:`b` = ``dims``, :math:`a` the rest and :math:`r_b = x_b - \mu_b`, the conditional is
         :math:`N(\mu_a + \Sigma_{ab}\Sigma_{bb}^{-1} r_b,\ \Sigma_{aa} - \Sigma_{ab}\Sigma_{bb}^{-1}\Sigma_{ba})
-        = N(\mu_a - P_{aa}^{-1} P_{ab} r_b,\ P_{aa}^{-1})`, computed without any inverse
-        (:func:`torch_mvn_ext._conditioning.condition`); a precision-parametrized distribution never forms
-        :math:`\Sigma`.
+        = N(\mu_a - P_{aa}^{-1} P_{ab} r_b,\ P_{aa}^{-1})`, computed without any inverse:
+
+        * ``dims`` the leading indices ``0, ..., m-1`` (in any order): the conditional's factor is the trailing
+          block of the distribution's own, and its mean takes one triangular solve with a block of it;
+        * otherwise, precision-parametrized: the precision :math:`P_{aa}` (a sub-block; :math:`\Sigma` is never
+          formed), the mean through a Cholesky solve with it;
+        * otherwise: with :math:`C` the Cholesky factor of :math:`\Sigma_{bb}` and :math:`W = C^{-1} \Sigma_{ba}`,
+          the covariance :math:`\Sigma_{aa} - W^\top W` and the mean :math:`\mu_a + W^\top C^{-1} r_b`.
 
         Args:
-            dims (sequence of int): the observed event indices, no repeats; negative indices count from the end as
-                in Python indexing. An empty ``dims`` conditions on nothing; all ``d`` indices leave nothing and
-                raise ``ValueError``.
+            dims (sequence of int or Tensor): the observed event indices, no repeats: a list, tuple or range of ints
+                or a 1-d integer tensor; negative indices count from the end as in Python indexing. An empty
+                ``dims`` conditions on nothing; all ``d`` indices leave nothing and raise ``ValueError``.
             value (Tensor): the observed values, shape ``B + (len(dims),)`` with ``B`` broadcastable with
                 ``batch_shape``; ``value[..., i]`` is the value of coordinate ``dims[i]``.
 
