@@ -5,9 +5,10 @@ their time in a loop over the members, not in arithmetic: torch's ``Multivariate
 log-density of 100,000 bivariate members with their own covariances. Here the same algorithms are written out entry
 by entry, each step one elementwise operation over the whole batch: the Cholesky factorization column by column
 (the same operations in the same order as LAPACK's unblocked ``potf2``, so the same rounding), forward and back
-substitution row by row, products with the factor, and sums of outer products. Each factor keeps its matrix in
-"structure of arrays" order (entry ``(i, j)`` of every member contiguous), behind a view of the usual shape
-``B + (d, d)``, so that each step reads one contiguous vector.
+substitution row by row, products with the factor, and sums of outer products. The factors computed here are
+assembled in "structure of arrays" order (entry ``(i, j)`` of every member contiguous), behind a view of the usual
+shape ``B + (d, d)``, so that each step reads one contiguous vector; rows are returned column by column for the same
+reason (interleaving ``d`` columns into row-major order is the slowest copy there is).
 
 :func:`factor_of` chooses: the elementwise factors for ``d <= MAX_D`` and at least ``MIN_MEMBERS`` members, the
 general ones (:mod:`torch_mvn_ext._factor`) otherwise; the thresholds are measured by the benchmark's ``many_small``
@@ -59,22 +60,25 @@ def elementwise_cholesky(matrix: Tensor, name: str) -> Tensor:
         # symmetric matrix).
         symmetric = 0.5 * (matrix + matrix.mT)
         matrix = symmetric + (matrix.tril() + matrix.tril(-1).mT - symmetric).detach()
-    a = matrix.movedim((-2, -1), (0, 1)).contiguous()  # (d, d) + B: a[i, j] is contiguous over the batch
-    columns: list[Tensor] = []  # column j holds rows j..d-1
+    entries: dict[tuple[int, int], Tensor] = {}
     pivots = []
     for j in range(d):
-        col = a[j:, j]
+        pivot = matrix[..., j, j]
         for k in range(j):
-            ck = columns[k]
-            col = torch.addcmul(col, ck[j - k :], ck[j - k], value=-1)
-        pivots.append(col[0])
-        diagonal = col[0].sqrt()
-        columns.append(torch.cat([diagonal[None], col[1:] / diagonal]))
-    if not bool((torch.stack(pivots) > 0).all()):
+            pivot = torch.addcmul(pivot, entries[j, k], entries[j, k], value=-1)
+        pivots.append(pivot)
+        diagonal = entries[j, j] = pivot.sqrt()
+        for i in range(j + 1, d):
+            below = matrix[..., i, j]
+            for k in range(j):
+                below = torch.addcmul(below, entries[i, k], entries[j, k], value=-1)
+            entries[i, j] = below / diagonal
+    # One reduction and one read. A NaN pivot fails the test too, and torch's factorization then decides.
+    if not pivots[0].numel() or not bool(torch.stack(pivots).amin() > 0):
         return cholesky(matrix, name)
-    zeros = a.new_zeros(a.shape[1:])
-    full = torch.stack([torch.cat([zeros[:j], c]) for j, c in enumerate(columns)], 1)  # (d, d) + B
-    return full.movedim((0, 1), (-2, -1))
+    zero = matrix.new_zeros(()).expand(matrix.shape[:-2])
+    full = torch.stack([entries.get((i, j), zero) for i in range(d) for j in range(d)])  # (d * d) + B
+    return full.unflatten(0, (d, d)).movedim((0, 1), (-2, -1))
 
 
 def _columns(columns: list[Tensor]) -> Tensor:
