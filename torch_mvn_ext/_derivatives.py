@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ._checks import check_allocation, check_out, differentiated
 from ._factor import TriangularFactor
-from ._shapes import Grouping, vech, vech_indices, vech_weights
+from ._shapes import Grouping, sum_to, vech, vech_indices, vech_weights
 
 # Above this many output elements, vech results are gathered in chunks, so that the temporaries stay a fraction of
 # the output.
@@ -194,7 +194,7 @@ def summed_value(res: Residual, value: Tensor) -> Tensor:
     ``torch.autograd.grad`` returns it (the distribution computes in its own dtype)."""
     grad = -res.full_alpha()
     if grad.shape != value.shape:
-        grad = grad.sum_to_size(value.shape)
+        grad = sum_to(grad, value.shape)
     return grad if value.dtype is grad.dtype or not value.dtype.is_floating_point else grad.to(value.dtype)
 
 
@@ -289,8 +289,8 @@ def summed_matrix(res: Residual, name: str, layout: str, constant: Tensor, batch
         out.diagonal(dim1=-2, dim2=-1).sub_(count * flat_constant)
     else:
         # (u^T v -/+ count K) / 2: one GEMM and its epilogue (a batched one for a batch of members).
-        out = res.factor.outer_sum(u, v, flat_constant, beta=-count if name == "covariance_matrix" else count)
-        out.mul_(0.5)
+        beta = -0.5 * count if name == "covariance_matrix" else 0.5 * count
+        out = res.factor.outer_sum(u, v, flat_constant, beta=beta, alpha=0.5)
     if g is not None:
         out = g.unflat_matrix(out)
     return vech(out, symmetric=name != "scale_tril") if layout == "vech" else out

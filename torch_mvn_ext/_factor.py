@@ -155,14 +155,17 @@ class TriangularFactor:
         r"""The rows :math:`M^{-1} x_i` (:math:`M^{-\top} x_i` with ``transpose``)."""
         return _solve_rows(self.tensor, x, transpose)
 
-    def outer_sum(self, u: Tensor, v: Tensor, base: Tensor | None = None, beta: float = 1.0) -> Tensor:
-        r""":math:`\sum_s u_s v_s^\top` over the rows of ``(..., c, d)`` operands, one GEMM per member, plus
-        ``beta * base`` where given (``base`` of the members' batch, or one matrix for all), in the GEMM's epilogue."""
+    def outer_sum(
+        self, u: Tensor, v: Tensor, base: Tensor | None = None, beta: float = 1.0, alpha: float = 1.0
+    ) -> Tensor:
+        r"""``alpha`` :math:`\sum_s u_s v_s^\top` over the rows of ``(..., c, d)`` operands, one GEMM per member,
+        plus ``beta * base`` where given (``base`` of the members' batch, or one matrix for all), in the GEMM's
+        epilogue."""
         if base is None:
-            return u.mT @ v
+            return u.mT @ v if alpha == 1.0 else torch.mul(u.mT @ v, alpha)
         if u.dim() == 2:
-            return torch.addmm(base, u.mT, v, beta=beta)
-        return torch.baddbmm(base.expand(u.shape[:-2] + base.shape[-2:]), u.mT, v, beta=beta)
+            return torch.addmm(base, u.mT, v, beta=beta, alpha=alpha)
+        return torch.baddbmm(base.expand(u.shape[:-2] + base.shape[-2:]), u.mT, v, beta=beta, alpha=alpha)
 
     def inverse(self) -> Tensor:
         r""":math:`M^{-1}`, lower-triangular (see :func:`tril_inverse`)."""

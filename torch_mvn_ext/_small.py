@@ -135,10 +135,12 @@ class _Elementwise(TriangularFactor):
             y[i] = acc / _entry(m, i, i)
         return _columns(y)
 
-    def outer_sum(self, u: Tensor, v: Tensor, base: Tensor | None = None, beta: float = 1.0) -> Tensor:
+    def outer_sum(
+        self, u: Tensor, v: Tensor, base: Tensor | None = None, beta: float = 1.0, alpha: float = 1.0
+    ) -> Tensor:
         c, d = u.shape[-2], u.shape[-1]
         if c > _MAX_ROWS or c == 0:
-            return super().outer_sum(u, v, base, beta)
+            return super().outer_sum(u, v, base, beta, alpha)
         entries = []
         for i in range(d):
             for j in range(d):
@@ -147,6 +149,8 @@ class _Elementwise(TriangularFactor):
                     acc = torch.addcmul(acc, u[..., s, i], v[..., s, j])
                 entries.append(acc)
         out = torch.stack(entries, -1).unflatten(-1, (d, d))  # row-major: these go to users
+        if alpha != 1.0:
+            out = out * alpha
         return out if base is None else torch.add(out, base, alpha=beta)
 
     def inverse(self) -> Tensor:

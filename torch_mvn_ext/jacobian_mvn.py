@@ -35,7 +35,7 @@ from ._checks import (
 )
 from ._derivatives import Residual, check_outs, per_sample, summed_matrix, summed_value
 from ._factor import TriangularFactor, factor_of_distribution
-from ._shapes import broadcast_shapes, event_dims, format_shape
+from ._shapes import broadcast_shapes, event_dims, format_shape, sum_to
 from ._small import adopt, factor_of
 
 try:  # torch's private sampler of its MVN: torch.randn, or normal_ on a fresh tensor under torch.jit.trace
@@ -400,8 +400,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
                     grads[name] = summed_value(res, value)
                 elif name == "loc":
                     alpha = res.full_alpha()
-                    shape = self._unbroadcasted_loc.shape
-                    grads[name] = alpha if alpha.shape == shape else alpha.sum_to_size(shape)
+                    grads[name] = sum_to(alpha, self._unbroadcasted_loc.shape)
                 else:
                     grads[name] = self._summed_matrix(res, name, layout)
         return res.log_prob, grads
