@@ -4,15 +4,19 @@ No timing is asserted: the machine is shared and noisy. What can fail here is th
 and the agreement between this library and each baseline and hand-written floor it is timed against.
 """
 
+import importlib.util
 import inspect
 import json
 import pathlib
 import subprocess
 import sys
 
-from torch_mvn_ext import JacobianMVN
+import torch
+
+from torch_mvn_ext import JacobianMVN, _factor
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+MANY_SMALL = ["many_small_log_prob", "many_small_rsample", "many_small_lpg"]
 FLOOR_CASES = ["lpg", "jac_loc", "jac_scale_tril", "jac_cov", "precision", "autograd", "autograd_tril"]
 CASES = FLOOR_CASES + ["svi", "nuts"]
 HAS_OUT = "out" in inspect.signature(JacobianMVN.jacobian).parameters
@@ -92,3 +96,51 @@ def test_solve_benchmark_runs_and_checks_its_routes():
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("float")]
     assert [(r[0], r[1], r[2]) for r in rows] == [("float32", "3", "5"), ("float64", "3", "5")]
     assert all(float(x) > 0 for r in rows for x in r[3:6] + r[8:])  # times and ratios (GF/s rounds to 0 here)
+
+
+def test_many_small_cases_at_tiny_sizes(tmp_path):
+    """B members with their own matrices: library, torch and the elementwise floor agree; too large a B is skipped."""
+    args = ["--cases", *MANY_SMALL, "--many-small-sizes", "1x5", "3x8", "8x100", "--dtypes", "float32", "float64"]
+    args += ["--max-matrix-bytes", "20000"]  # 8 x 8 x 100 covariances are 25600 bytes in float32
+    _, report = run_script(tmp_path, args, timeout=120)
+    rows = report["results"]
+    pairs = {("torch", "ours"), ("torch_noval", "ours_noval")}
+    sizes = {(t, d, n) for t in ("float32", "float64") for d, n in ((1, 5), (3, 8))}
+    assert {(r["case"], r["baseline"], r["ours"], r["dtype"], r["d"], r["N"]) for r in rows} == {
+        (case, baseline, ours, *size) for case in MANY_SMALL for baseline, ours in pairs for size in sizes
+    }
+    for r in rows:
+        check_agreement(r)
+        if r["ours"] == "ours_noval":
+            assert r["library_over_floor"] == r["ours_s"] / r["floor_s"], r
+    reason = "B x d x d covariances over --max-matrix-bytes"
+    assert {k: v for k, v in report["skipped"].items() if reason in k} == {
+        f"{case}: {reason}": ["float32 d=8 N=100", "float64 d=8 N=100"] for case in MANY_SMALL
+    }
+
+
+def _load(name):
+    path = SCRIPT.parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_solve_route_is_forced_for_the_run_and_recorded(tmp_path):
+    """``--solve-route right`` makes float32 solves leave column-major results (``_factor._solve_rows``), on any CPU."""
+    routes = _load("solve_routes")
+    tril = torch.eye(3) + torch.ones(3, 3).tril()
+    rows = torch.randn(5, 3)
+    auto = _factor._RIGHT_SOLVE_IS_FASTER
+    for route, row_major in (("left", True), ("right", False)):
+        with routes.solve_route(route) as taken:
+            assert taken == route
+            assert _factor._solve_rows(tril, rows, transpose=False).is_contiguous() is row_major
+        assert _factor._RIGHT_SOLVE_IS_FASTER is auto
+    args = ["--cases", "jac_scale_tril", "--d", "3", "--n", "4", "--solve-route", "right"]
+    _, report = run_script(tmp_path, args, timeout=60)
+    assert report["meta"]["solve_route"] == "right"
+    for r in report["results"]:
+        check_agreement(r)
