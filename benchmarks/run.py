@@ -88,6 +88,12 @@ from torch.distributions import MultivariateNormal
 from torch_mvn_ext import JacobianMVN
 from torch_mvn_ext._factor import cpuinfo
 
+# This file's sibling modules, also where it is imported by its path (tests/test_dropin.py).
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+import many_small  # noqa: E402
+from solve_routes import ROUTES, set_solve_route  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOCS = os.path.join(os.path.dirname(HERE), "docs")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -104,6 +110,7 @@ CASES = (
     "svi",
     "nuts",
     "memory",
+    *many_small.CASES,
 )
 
 # (case, baseline, d, N, minimum speedup) in float32, torch with default validation; memory: (case, ours, d, N, max
@@ -117,6 +124,7 @@ TARGETS = [
     ("precision", "torch", 64, 1024, 3.0),
     ("autograd", "torch", 64, 1024, 1.5),
     ("autograd_tril", "torch", 64, 1024, 1.5),
+    *many_small.TARGETS,
 ]
 # (case, ours, d, N, maximum library / floor time ratio) in float32: the floor validates nothing, so it is compared
 # with the library without validation ("ours_noval"); the validated library's cost is in the torch comparisons.
@@ -125,6 +133,7 @@ FLOOR_TARGETS = [
     ("lpg", "ours_noval", 8, 1, 1.3),
     ("lpg", "ours_noval", 64, 1024, 1.3),
     ("jac_cov", "ours_noval", 64, 1024, 1.3),
+    *many_small.FLOOR_TARGETS,
 ]
 MEMORY_TARGETS = [
     ("memory", "ours_scale_tril", 64, 1024, 1.5),
@@ -486,7 +495,10 @@ CASE_FUNCTIONS = {
     "out_buffer": case_out_buffer,
     "svi": case_svi,
     "nuts": case_nuts,
+    **many_small.CASE_FUNCTIONS,
 }
+# Cases run at their own sizes (the name of their option), not at --d x --n.
+CASE_SIZES = {"compiled": "compiled_sizes", **{case: "many_small_sizes" for case in many_small.CASES}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -622,6 +634,8 @@ def skip_reason(case, d, n, dtype, args):
         return "over --pyro-max-n/--pyro-max-d"
     if case == "memory" and n < args.memory_min_n:
         return "under --memory-min-n"
+    if case in many_small.CASES:
+        return many_small.skip_reason(case, d, n, dtype, args)
     return None
 
 
@@ -640,7 +654,7 @@ def run(args):
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for case in args.cases:
-            for d, n in parse_sizes(args.compiled_sizes) if case == "compiled" else sizes:
+            for d, n in parse_sizes(getattr(args, CASE_SIZES[case])) if case in CASE_SIZES else sizes:
                 reason = skip_reason(case, d, n, dtype, args)
                 if reason:
                     key = f"{case}: {reason}"
@@ -747,6 +761,7 @@ FAMILIES = [
     ("`torch.compile` (`compiled`)", ("compiled",), "compiled"),
     ("A reused output buffer, `out=` (`out_buffer`)", ("out_buffer",), "out_buffer"),
     ("Pyro: an SVI step and a NUTS run (`svi`, `nuts`)", ("svi", "nuts"), "pyro"),
+    ("Many small Gaussians, one matrix per member, B members (`many_small_*`; N is B)", many_small.CASES, "many_small"),
 ]
 
 
@@ -963,6 +978,18 @@ def parse_args(argv=None):
     )
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled case")
     p.add_argument("--out-batch", type=int, default=4096, help="points per batch in the out_buffer case")
+    p.add_argument(
+        "--many-small-sizes",
+        nargs="+",
+        default=None,
+        help="dxB points of the many_small cases (default d in 1 2 3 4 6 8, B in 1e3 1e5 1e6; quick 2x1e5 3x1e5)",
+    )
+    p.add_argument(
+        "--solve-route",
+        choices=ROUTES,
+        default="auto",
+        help="route of the library's float32 solves (_factor._RIGHT_SOLVE_IS_FASTER; default auto: the machine's)",
+    )
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
     p.add_argument("--no-plot", action="store_true", help="no pictures (they need matplotlib)")
     p.add_argument(
@@ -991,6 +1018,8 @@ def parse_args(argv=None):
         args.dtypes = ["float32"] if quick else ["float32", "float64"]
     if args.compiled_sizes is None:
         args.compiled_sizes = ["8x1", "64x1024"]
+    if args.many_small_sizes is None:
+        args.many_small_sizes = many_small.QUICK_SIZES if quick else many_small.SIZES
     if args.rounds is None:
         args.rounds = 5 if quick else 7
     if args.min_time is None:
@@ -1018,6 +1047,7 @@ def main(argv=None):
         "python": platform.python_version(),
         "rounds": args.rounds,
         "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "solve_route": set_solve_route(args.solve_route),  # forces the route for the whole run
     }
     start = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

@@ -1,9 +1,12 @@
 """The benchmark script runs end to end at tiny sizes; every baseline and floor it times computes what ours does.
 
 No timing is asserted: the machine is shared and noisy. What can fail here is the script itself (so it cannot rot)
-and the agreement between this library and each baseline and hand-written floor it is timed against.
+and the agreement between this library and each baseline and hand-written floor it is timed against. The speed
+check's logic (``benchmarks/check.py``: a cell that misses is measured again, then fails with a message naming it;
+the exit status) is tested with injected timings.
 """
 
+import importlib.util
 import inspect
 import json
 import pathlib
@@ -12,10 +15,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from torch_mvn_ext import JacobianMVN
+from torch_mvn_ext import JacobianMVN, _factor
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+MANY_SMALL = ["many_small_log_prob", "many_small_rsample", "many_small_lpg"]
 FLOOR_CASES = ["lpg", "jac_loc", "jac_scale_tril", "jac_cov", "precision", "autograd", "autograd_tril"]
 CASES = FLOOR_CASES + ["svi", "nuts"]
 HAS_OUT = "out" in inspect.signature(JacobianMVN.jacobian).parameters
@@ -138,3 +143,131 @@ def test_docs_without_pictures_is_refused_before_running(tmp_path):
     assert result.returncode == 2
     assert "--docs needs the pictures" in result.stderr
     assert not list(tmp_path.iterdir())
+def test_many_small_cases_at_tiny_sizes(tmp_path):
+    """B members with their own matrices: library, torch and the elementwise floor agree; too large a B is skipped."""
+    args = ["--cases", *MANY_SMALL, "--many-small-sizes", "1x5", "3x8", "8x100", "--dtypes", "float32", "float64"]
+    args += ["--max-matrix-bytes", "20000"]  # 8 x 8 x 100 covariances are 25600 bytes in float32
+    _, report = run_script(tmp_path, args, timeout=120)
+    rows = report["results"]
+    pairs = {("torch", "ours"), ("torch_noval", "ours_noval")}
+    sizes = {(t, d, n) for t in ("float32", "float64") for d, n in ((1, 5), (3, 8))}
+    assert {(r["case"], r["baseline"], r["ours"], r["dtype"], r["d"], r["N"]) for r in rows} == {
+        (case, baseline, ours, *size) for case in MANY_SMALL for baseline, ours in pairs for size in sizes
+    }
+    for r in rows:
+        check_agreement(r)
+        if r["ours"] == "ours_noval":
+            assert r["library_over_floor"] == r["ours_s"] / r["floor_s"], r
+    reason = "B x d x d covariances over --max-matrix-bytes"
+    assert {k: v for k, v in report["skipped"].items() if reason in k} == {
+        f"{case}: {reason}": ["float32 d=8 N=100", "float64 d=8 N=100"] for case in MANY_SMALL
+    }
+
+
+def _load(name):
+    path = SCRIPT.parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def check():
+    return _load("check")
+
+
+def test_solve_route_is_forced_for_the_run_and_recorded(tmp_path):
+    """``--solve-route right`` makes float32 solves leave column-major results (``_factor._solve_rows``), on any CPU."""
+    routes = _load("solve_routes")
+    tril = torch.eye(3) + torch.ones(3, 3).tril()
+    rows = torch.randn(5, 3)
+    auto = _factor._RIGHT_SOLVE_IS_FASTER
+    for route, row_major in (("left", True), ("right", False)):
+        with routes.solve_route(route) as taken:
+            assert taken == route
+            assert _factor._solve_rows(tril, rows, transpose=False).is_contiguous() is row_major
+        assert _factor._RIGHT_SOLVE_IS_FASTER is auto
+    args = ["--cases", "jac_scale_tril", "--d", "3", "--n", "4", "--solve-route", "right"]
+    _, report = run_script(tmp_path, args, timeout=60)
+    assert report["meta"]["solve_route"] == "right"
+    for r in report["results"]:
+        check_agreement(r)
+
+
+def times(library, floor, torch_s):
+    """A measurement as ``check.prepare``'s ``measure`` returns it (ratios: of the medians, here)."""
+    return {
+        "library": library,
+        "floor": floor,
+        "torch": torch_s,
+        "over_floor": library / floor,
+        "speedup": torch_s / library,
+    }
+
+
+class Measurements:
+    """Injected timings: one set per call, the last repeated; records the rounds each call asked for."""
+
+    def __init__(self, *results):
+        self.results, self.rounds = list(results), []
+
+    def __call__(self, rounds, min_time):
+        self.rounds.append(rounds)
+        return self.results[min(len(self.rounds), len(self.results)) - 1]
+
+
+def test_speed_check_measures_a_missing_cell_again_before_failing_it(check):
+    cell = check.Cell("jac_scale_tril", 64, 1024, max_over_floor=2.0, min_speedup=1.0, route="right")
+    lines = []
+    # Misses once, then meets both thresholds: measured twice (twice the rounds), passes.
+    measure = Measurements(times(5e-3, 1e-3, 9e-3), times(1.5e-3, 1e-3, 9e-3))
+    attempts, failure = check.check_cell(cell, measure, rounds=5, min_time=0.0, retries=2, report=lines.append)
+    assert failure is None and measure.rounds == [5, 10] and len(attempts) == 2
+    assert "MISS" in lines[0] and lines[1].endswith("ok (again, 2)")
+    # Misses every time: measured 1 + 2 times (5, 10, 20 rounds), then fails with the cell, both times and the ratio.
+    measure = Measurements(times(5e-3, 1e-3, 9e-3))
+    attempts, failure = check.check_cell(cell, measure, rounds=5, min_time=0.0, retries=2, report=lines.append)
+    assert measure.rounds == [5, 10, 20] and len(attempts) == 3
+    assert failure.startswith("jac_scale_tril d=64 N=1024 (right route) failed 3 measurements: ")
+    assert "attempt 3 (20 rounds): library / floor 5.00 > 2 (library 5000 us, floor 1000 us)" in failure
+    # Slower than torch: the other threshold, with torch's time.
+    measure = Measurements(times(1e-3, 1e-3, 0.5e-3))
+    _, failure = check.check_cell(cell, measure, rounds=3, min_time=0.0, retries=0, report=lines.append)
+    assert measure.rounds == [3]
+    assert failure.endswith("attempt 1 (3 rounds): torch / library 0.50 < 1 (library 1000 us, torch 500 us)")
+
+
+def test_speed_check_exits_non_zero_when_a_cell_fails(check, monkeypatch, capsys):
+    assert {cell.case for cell in check.CELLS} <= set(check.run.CASE_FUNCTIONS)
+    slow = check.CELLS[0]
+    ratio = 2 * slow.max_over_floor  # library / floor, twice the threshold
+    fake = {cell.name: Measurements(times(1e-3, 1e-3, 2e-3)) for cell in check.CELLS}
+    fake[slow.name] = Measurements(times(ratio * 1e-3, 1e-3, 1.0))
+    monkeypatch.setattr(check, "prepare", lambda cell: fake[cell.name])
+    threads = torch.get_num_threads()
+    assert check.main(["--retries", "1", "--rounds", "3"]) == 1
+    assert torch.get_num_threads() == threads  # the check runs on one thread and gives the others back
+    out = capsys.readouterr().out
+    assert f"{len(check.CELLS) - 1} of {len(check.CELLS)} cells passed" in out
+    expected = f"library / floor {ratio:.2f} > {slow.max_over_floor:g} (library {ratio * 1e3:.0f} us, floor 1000 us)"
+    assert [line for line in out.splitlines() if line.startswith("FAILED")] == [
+        f"FAILED {slow.name} failed 2 measurements: attempt 1 (3 rounds): {expected}; attempt 2 (6 rounds): {expected}"
+    ]
+    assert [m.rounds for name, m in fake.items() if name != slow.name] == [[3]] * (len(check.CELLS) - 1)
+    fake[slow.name] = Measurements(times(1e-3, 1e-3, 2e-3))
+    assert check.main([]) == 0
+
+
+def test_speed_check_times_its_cells_for_real(check):
+    """The check's own measurement on tiny cells (both routes, a many_small case): the three callables agree and are
+    timed."""
+    for cell in (
+        check.Cell("jac_scale_tril", 3, 4, max_over_floor=2.0, min_speedup=1.0, route="right"),
+        check.Cell("jac_scale_tril", 3, 4, max_over_floor=2.0, min_speedup=1.0, route="left"),
+        check.Cell("many_small_lpg", 3, 6, max_over_floor=2.0, min_speedup=1.0),
+    ):
+        measured = check.prepare(cell)(2, 0.0)
+        assert all(measured[k] > 0 and len(measured["rounds"][k]) == 2 for k in ("library", "floor", "torch"))
+        assert measured["over_floor"] > 0 and measured["speedup"] > 0
