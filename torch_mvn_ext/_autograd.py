@@ -144,11 +144,11 @@ def log_prob(r: Tensor, factor: TriangularFactor, covariance: Tensor | None = No
     computed from it with autograd recording, as torch's MVN gives it one (not after a ``torch.no_grad()`` build),
     and gets none directly when its batch shape is not the factor's.
     """
-    tensor = factor.tensor
-    if covariance is not None and (covariance.shape != tensor.shape or not tensor.requires_grad):
-        # A covariance broadcast beyond its factor (from_distribution) takes its gradient through the factor.
-        covariance = None
-    if torch.is_grad_enabled() and (r.requires_grad or tensor.requires_grad) and not torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and (r.requires_grad or factor.requires_grad) and not torch.compiler.is_compiling():
+        tensor = factor.tensor
+        if covariance is not None and (covariance.shape != tensor.shape or not tensor.requires_grad):
+            # A covariance broadcast beyond its factor (from_distribution) takes its gradient through the factor.
+            covariance = None
         return LogProb.apply(r, tensor, covariance, factor.kind)[0]
     # Under torch.compile, plain differentiable operations: compiled, the function's backward would come back without
     # a graph under create_graph=True (torch 2.13, every backend), so a second derivative would silently be zero.

@@ -49,7 +49,7 @@ class Residual:
         z: Tensor | None = None,
     ) -> None:
         self.shape = r.shape[:-1]
-        if factor.tensor.dim() == 2:
+        if not factor.batch_shape:
             self.grouping: Grouping | None = None
             self.factor = factor
             self.c = math.prod(self.shape)
@@ -293,4 +293,5 @@ def summed_matrix(res: Residual, name: str, layout: str, constant: Tensor, batch
         out = res.factor.outer_sum(u, v, flat_constant, beta=beta, alpha=0.5)
     if g is not None:
         out = g.unflat_matrix(out)
-    return vech(out, symmetric=name != "scale_tril") if layout == "vech" else out
+    # row-major for users (the elementwise factors of small matrices compute structure-of-arrays)
+    return vech(out, symmetric=name != "scale_tril") if layout == "vech" else out.contiguous()

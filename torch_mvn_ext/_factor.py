@@ -57,6 +57,15 @@ class TriangularFactor:
     def batch_shape(self) -> torch.Size:
         return self.tensor.shape[:-2]
 
+    @property
+    def requires_grad(self) -> bool:
+        return self.tensor.requires_grad
+
+    @property
+    def size(self) -> int:
+        """The event size ``d``."""
+        return self.tensor.shape[-1]
+
     def like(self, tensor: Tensor) -> TriangularFactor:
         """A factor of the same kind holding ``tensor``."""
         return KINDS[self.kind](tensor)
@@ -70,10 +79,10 @@ class TriangularFactor:
 
     def log_norm(self) -> Tensor:
         r""":math:`-\frac d2 \log 2\pi - \frac12\log\det\Sigma`, the log-density at the mean."""
-        return -0.5 * self.tensor.shape[-1] * _LOG_2PI - self.half_log_det()
+        return -0.5 * self.size * _LOG_2PI - self.half_log_det()
 
     def entropy(self) -> Tensor:
-        return 0.5 * self.tensor.shape[-1] * (1.0 + _LOG_2PI) + self.half_log_det()
+        return 0.5 * self.size * (1.0 + _LOG_2PI) + self.half_log_det()
 
     def half_log_det(self) -> Tensor:
         r""":math:`\frac12 \log\det\Sigma`, shape ``B``."""

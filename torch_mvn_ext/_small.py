@@ -18,11 +18,14 @@ case. Both give the same numbers, the same errors and the same gradients; only t
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ._checks import _transforms_active, differentiated
 from ._factor import KINDS, CholeskyFactor, PrecisionFactor, ScaleTril, TriangularFactor, cholesky
+from ._shapes import Grouping
 
 # The elementwise factors serve event sizes up to MAX_D and batches of at least MIN_MEMBERS matrices.
 MAX_D = 6
@@ -48,11 +51,12 @@ def structure_of_arrays(matrix: Tensor) -> Tensor:
     return matrix.movedim((-2, -1), (0, 1)).contiguous().movedim((0, 1), (-2, -1))
 
 
-def elementwise_cholesky(matrix: Tensor, name: str) -> Tensor:
+def elementwise_cholesky(matrix: Tensor, name: str) -> dict[tuple[int, int], Tensor] | Tensor:
     r"""The lower Cholesky factor of each member (reading the lower triangle, as ``torch.linalg.cholesky``), column by
     column: :math:`L_{jj} = \sqrt{A_{jj} - \sum_{k<j} L_{jk}^2}`, :math:`L_{ij} = (A_{ij} - \sum_{k<j} L_{ik} L_{jk})
-    / L_{jj}`. Where a pivot is not positive, ``torch.linalg.cholesky`` factorizes again, so that the error (naming
-    the argument, the member and the order of the minor) or the result (for NaN entries) is torch's."""
+    / L_{jj}`, as its lower entries ``(i, j)``, each of the batch's shape. Where a pivot is not positive,
+    ``torch.linalg.cholesky`` factorizes again, so that the error (naming the argument, the member and the order of
+    the minor) or the result (a tensor, for NaN entries) is torch's."""
     d = matrix.shape[-1]
     if differentiated(matrix):
         # The lower triangle's values with torch's symmetric gradient (a gradient that reads one triangle would put
@@ -76,9 +80,7 @@ def elementwise_cholesky(matrix: Tensor, name: str) -> Tensor:
     # One reduction and one read. A NaN pivot fails the test too, and torch's factorization then decides.
     if not pivots[0].numel() or not bool(torch.stack(pivots).amin() > 0):
         return cholesky(matrix, name)
-    zero = matrix.new_zeros(()).expand(matrix.shape[:-2])
-    full = torch.stack([entries.get((i, j), zero) for i in range(d) for j in range(d)])  # (d * d) + B
-    return full.unflatten(0, (d, d)).movedim((0, 1), (-2, -1))
+    return entries
 
 
 def _columns(columns: list[Tensor]) -> Tensor:
@@ -88,51 +90,145 @@ def _columns(columns: list[Tensor]) -> Tensor:
     return torch.stack(columns, 0).movedim(0, -1)
 
 
-def _entry(m: Tensor, i: int, k: int) -> Tensor:
-    """Entry ``(i, k)`` of every member, shaped to broadcast against the rows' ``(..., c)``."""
-    return m[..., i, k].unsqueeze(-1)
+def _matrix(entries: dict[tuple[int, int], Tensor], d: int, symmetric: bool) -> Tensor:
+    """The ``B + (d, d)`` matrix, structure-of-arrays, of the lower-triangular ``entries`` (``(i, j)``, ``j <= i``),
+    mirrored where ``symmetric``, zero above the diagonal otherwise: one concatenation."""
+    zero = next(iter(entries.values())).new_zeros(()).expand_as(entries[0, 0])
+    full = [entries[max(i, j), min(i, j)] if symmetric or j <= i else zero for i in range(d) for j in range(d)]
+    return torch.stack(full).unflatten(0, (d, d)).movedim((0, 1), (-2, -1))
+
+
+def _lower(m: Tensor) -> dict[tuple[int, int], Tensor]:
+    """The lower-triangular entries of ``m``, each of shape ``B + (1,)`` (to broadcast against rows' ``(..., c)``)."""
+    d = m.shape[-1]
+    return {(i, k): m[..., i, k].unsqueeze(-1) for i in range(d) for k in range(i + 1)}
+
+
+def _tril_inverse(m: dict[tuple[int, int], Tensor], d: int) -> dict[tuple[int, int], Tensor]:
+    r"""The entries of :math:`M^{-1}` (lower-triangular): :math:`T_{ii} = 1 / M_{ii}`,
+    :math:`T_{ij} = -\big(\sum_{j \le k < i} M_{ik} T_{kj}\big) / M_{ii}`."""
+    t: dict[tuple[int, int], Tensor] = {}
+    for i in range(d):
+        t[i, i] = m[i, i].reciprocal()
+        for j in range(i):
+            acc = m[i, j] * t[j, j]
+            for k in range(j + 1, i):
+                acc = torch.addcmul(acc, m[i, k], t[k, j])
+            t[i, j] = -acc * t[i, i]
+    return t
+
+
+def _gram(t: dict[tuple[int, int], Tensor], d: int) -> dict[tuple[int, int], Tensor]:
+    r"""The lower entries of :math:`T^\top T` for lower-triangular :math:`T`: :math:`\sum_{k \ge i} T_{ki} T_{kj}`,
+    ``j <= i`` (the rest by symmetry)."""
+    out = {}
+    for i in range(d):
+        for j in range(i + 1):
+            acc = t[i, i] * t[i, j]
+            for k in range(i + 1, d):
+                acc = torch.addcmul(acc, t[k, i], t[k, j])
+            out[i, j] = acc
+    return out
 
 
 class _Elementwise(TriangularFactor):
     """The primitives of :class:`~torch_mvn_ext._factor.TriangularFactor`, entry by entry over the batch, for a
-    lower-triangular ``tensor`` of shape ``B + (d, d)`` and rows ``x`` of shape ``(..., c, d)``."""
+    lower-triangular ``tensor`` of shape ``B + (d, d)`` and rows ``x`` of shape ``(..., c, d)``. Matrix results are
+    structure-of-arrays views (see :func:`_matrix`)."""
+
+    def __init__(self, tensor: Tensor | dict[tuple[int, int], Tensor]) -> None:
+        # A tensor, or the lower entries of one (each of the batch's shape): then the tensor is assembled only if
+        # something asks for it (log_prob and the derivatives without autograd never do).
+        if isinstance(tensor, Tensor):
+            self._tensor: Tensor | None = tensor
+            self._raw: dict[tuple[int, int], Tensor] | None = None
+            self._shape = tensor.shape
+        else:
+            self._tensor, self._raw = None, tensor
+            d = int(math.isqrt(2 * len(tensor)))
+            self._shape = tensor[0, 0].shape + (d, d)
+        self._entries: dict[tuple[int, int], Tensor] | None = None
+
+    @property
+    def tensor(self) -> Tensor:
+        if self._tensor is None:
+            assert self._raw is not None
+            self._tensor = _matrix(self._raw, self._shape[-1], symmetric=False)
+        return self._tensor
+
+    @tensor.setter
+    def tensor(self, value: Tensor) -> None:
+        self._tensor, self._raw, self._shape, self._entries = value, None, value.shape, None
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self._shape[:-2]
+
+    @property
+    def size(self) -> int:
+        return self._shape[-1]
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._tensor.requires_grad if self._tensor is not None else self._raw[0, 0].requires_grad  # type: ignore
+
+    @property
+    def entries(self) -> dict[tuple[int, int], Tensor]:
+        """The lower entries, each shaped ``B + (1,)`` to broadcast against the rows' ``(..., c)``."""
+        if self._entries is None:
+            if self._raw is not None:
+                self._entries = {k: v.unsqueeze(-1) for k, v in self._raw.items()}
+            else:
+                self._entries = _lower(self.tensor)
+        return self._entries
+
+    def diagonal(self) -> Tensor:
+        if self._raw is None:
+            return super().diagonal()
+        return torch.stack([self._raw[i, i] for i in range(self._shape[-1])]).movedim(0, -1)
+
+    def flat(self, grouping: Grouping) -> TriangularFactor:
+        if self._raw is None:
+            return super().flat(grouping)
+        g = grouping
+        return type(self)({k: v.expand(g.batch_shape).reshape(g.b) for k, v in self._raw.items()})
 
     def mul_t(self, x: Tensor) -> Tensor:
         if x.shape[-2] > _MAX_ROWS:
             return super().mul_t(x)
-        m, d = self.tensor, x.shape[-1]
+        m, d = self.entries, x.shape[-1]
         rows = []
         for i in range(d):  # (M x)_i = sum_{k <= i} M_ik x_k
-            acc = _entry(m, i, 0) * x[..., 0]
+            acc = m[i, 0] * x[..., 0]
             for k in range(1, i + 1):
-                acc = torch.addcmul(acc, _entry(m, i, k), x[..., k])
+                acc = torch.addcmul(acc, m[i, k], x[..., k])
             rows.append(acc)
         return _columns(rows)
 
     def mul(self, x: Tensor) -> Tensor:
         if x.shape[-2] > _MAX_ROWS:
             return super().mul(x)
-        m, d = self.tensor, x.shape[-1]
+        m, d = self.entries, x.shape[-1]
         rows = []
         for i in range(d):  # (M^T x)_i = sum_{k >= i} M_ki x_k
-            acc = _entry(m, i, i) * x[..., i]
+            acc = m[i, i] * x[..., i]
             for k in range(i + 1, d):
-                acc = torch.addcmul(acc, _entry(m, k, i), x[..., k])
+                acc = torch.addcmul(acc, m[k, i], x[..., k])
             rows.append(acc)
         return _columns(rows)
 
     def solve(self, x: Tensor, transpose: bool) -> Tensor:
         if x.shape[-2] > _MAX_ROWS:
             return super().solve(x, transpose)
-        m, d = self.tensor, x.shape[-1]
+        m, d = self.entries, x.shape[-1]
         y: list[Tensor] = [x[..., 0]] * d
         # forward substitution, M y = x; with transpose, back substitution, M^T y = x
         order = range(d - 1, -1, -1) if transpose else range(d)
         for i in order:
             acc = x[..., i]
             for k in range(i + 1, d) if transpose else range(i):
-                acc = torch.addcmul(acc, _entry(m, k, i) if transpose else _entry(m, i, k), y[k], value=-1)
-            y[i] = acc / _entry(m, i, i)
+                acc = torch.addcmul(acc, m[k, i] if transpose else m[i, k], y[k], value=-1)
+            y[i] = acc / m[i, i]
         return _columns(y)
 
     def outer_sum(
@@ -141,41 +237,53 @@ class _Elementwise(TriangularFactor):
         c, d = u.shape[-2], u.shape[-1]
         if c > _MAX_ROWS or c == 0:
             return super().outer_sum(u, v, base, beta, alpha)
-        entries = []
+        symmetric = u is v  # the lower triangle, mirrored
+        entries = {}
         for i in range(d):
-            for j in range(d):
+            for j in range(i + 1 if symmetric else d):
                 acc = u[..., 0, i] * v[..., 0, j]
                 for s in range(1, c):
                     acc = torch.addcmul(acc, u[..., s, i], v[..., s, j])
-                entries.append(acc)
-        out = torch.stack(entries, -1).unflatten(-1, (d, d))  # row-major: these go to users
+                entries[i, j] = acc
+        if symmetric:
+            out = _matrix(entries, d, symmetric=True)
+        else:
+            out = torch.stack([entries[i, j] for i in range(d) for j in range(d)]).unflatten(0, (d, d))
+            out = out.movedim((0, 1), (-2, -1))
         if alpha != 1.0:
             out = out * alpha
         return out if base is None else torch.add(out, base, alpha=beta)
 
     def inverse(self) -> Tensor:
-        # The rows L^{-1} e_i are the columns of L^{-1}.
-        eye = torch.eye(self.tensor.shape[-1], dtype=self.tensor.dtype, device=self.tensor.device)
-        return self.solve(eye.expand(self.tensor.shape), transpose=False).mT
+        d = self.size
+        return _matrix({k: v.squeeze(-1) for k, v in _tril_inverse(self.entries, d).items()}, d, symmetric=False)
+
+    def _gram_of_inverse(self) -> Tensor:
+        d = self.size
+        gram = _gram(_tril_inverse(self.entries, d), d)
+        return _matrix({k: v.squeeze(-1) for k, v in gram.items()}, d, symmetric=True)
 
 
 class ElementwiseCholesky(_Elementwise, CholeskyFactor):
     kind = "elementwise_cholesky"
 
     def scale_tril(self) -> Tensor:
-        return self.tensor.contiguous()  # held structure-of-arrays; row-major for users, as torch's
+        if self._raw is not None:  # row-major for users, as torch's, in one interleaving copy
+            d = self._shape[-1]
+            zero = self._raw[0, 0].new_zeros(()).expand(self.batch_shape)
+            rows = [self._raw[i, j] if j <= i else zero for i in range(d) for j in range(d)]
+            return torch.stack(rows, -1).unflatten(-1, (d, d))
+        return self.tensor.contiguous()
 
     def precision_matrix(self) -> Tensor:
-        inverse = self.inverse()
-        return self.outer_sum(inverse, inverse)
+        return self._gram_of_inverse()
 
 
 class ElementwiseScaleTril(_Elementwise, ScaleTril):
     kind = "elementwise_scale_tril"
 
     def precision_matrix(self) -> Tensor:
-        inverse = self.inverse()
-        return self.outer_sum(inverse, inverse)
+        return self._gram_of_inverse()
 
 
 class ElementwisePrecision(_Elementwise, PrecisionFactor):
@@ -183,6 +291,10 @@ class ElementwisePrecision(_Elementwise, PrecisionFactor):
 
     def scale_tril(self) -> Tensor:
         return self.inverse().contiguous()
+
+    def precision_matrix(self) -> Tensor:
+        d = self.size
+        return _matrix({k: v.squeeze(-1) for k, v in _gram(self.entries, d).items()}, d, symmetric=True)
 
 
 KINDS.update(
@@ -204,11 +316,13 @@ def factor_of(name: str, matrix: Tensor) -> TriangularFactor:
             return ScaleTril(matrix)
         return PrecisionFactor.of(matrix)
     if name == "covariance_matrix":
-        return ElementwiseCholesky(elementwise_cholesky(matrix, name))
+        return ElementwiseCholesky(elementwise_cholesky(matrix, name))  # entries, or torch's result (NaN entries)
     if name == "scale_tril":
         return ElementwiseScaleTril(matrix)
     # P = T^T T with T lower: the Cholesky factor of P with rows and columns reversed (PrecisionFactor.of).
     flipped = elementwise_cholesky(matrix.flip((-2, -1)), name)
+    if not isinstance(flipped, Tensor):
+        flipped = _matrix(flipped, matrix.shape[-1], symmetric=False)
     return ElementwisePrecision(structure_of_arrays(flipped.flip((-2, -1)).mT))
 
 
