@@ -10,7 +10,7 @@ from torch.func import grad, vmap
 from torch_mvn_ext import JacobianMVN, _small
 from torch_mvn_ext._factor import NotPositiveDefiniteError
 
-B = 40  # members: above MIN_MEMBERS as the tests set it
+B = 40  # members: above MIN_MEMBERS_PER_D * d as the tests set it
 SIZES = [1, 2, 3, 5, _small.MAX_D]
 # (loc batch, matrix batch, value batch): one value per member, sample dimensions, a broadcast loc, two batch dims.
 SHAPES = [((B,), (B,), (B,)), ((B,), (B,), (3, B)), ((), (B,), (2, B)), ((2, 1), (2, B // 2), (2, B // 2))]
@@ -19,9 +19,9 @@ SHAPE_IDS = ["one-each", "samples", "shared-loc", "two-dims"]
 
 @pytest.fixture(autouse=True)
 def few_members(monkeypatch):
-    """The elementwise factors from 8 members on, so that small batches (fast references) take them: the threshold
+    """The elementwise factors from 2 d members on, so that small batches (fast references) take them: the threshold
     is a matter of speed, not of the numbers."""
-    monkeypatch.setattr(_small, "MIN_MEMBERS", 8)
+    monkeypatch.setattr(_small, "MIN_MEMBERS_PER_D", 2)
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_the_elementwise_factors_are_chosen_by_size():
     cov = random_spd((B,), 3)
     assert JacobianMVN(torch.zeros(3, dtype=torch.float64), cov)._factor.kind == "elementwise_cholesky"
     assert JacobianMVN(torch.zeros(3, dtype=torch.float64), cov[0])._factor.kind == "cholesky"  # one matrix
-    few = random_spd((_small.MIN_MEMBERS - 1,), 3)
+    few = random_spd((_small.MIN_MEMBERS_PER_D * 3 - 1,), 3)
     assert JacobianMVN(torch.zeros(3, dtype=torch.float64), few)._factor.kind == "cholesky"
     big = random_spd((B,), _small.MAX_D + 1)
     assert JacobianMVN(torch.zeros(_small.MAX_D + 1, dtype=torch.float64), big)._factor.kind == "cholesky"
@@ -115,7 +115,7 @@ def test_derivatives_match_autograd_through_torch(parametrization, d, shapes, as
 def test_second_order_and_torch_func(parametrization):
     """gradcheck and gradgradcheck through log_prob built on the elementwise factors (float64)."""
     loc, m, x = _case(parametrization, 3, ((B,), (B,), (B,)))
-    m = m[:_small.MIN_MEMBERS].clone()
+    m = m[: _small.MIN_MEMBERS_PER_D * 3].clone()
     loc, x = loc[: m.shape[0]].clone(), x[: m.shape[0]].clone()
 
     def f(x, loc, m):

@@ -10,9 +10,8 @@ assembled in "structure of arrays" order (entry ``(i, j)`` of every member conti
 shape ``B + (d, d)``, so that each step reads one contiguous vector; rows are returned column by column for the same
 reason (interleaving ``d`` columns into row-major order is the slowest copy there is).
 
-:func:`factor_of` chooses: the elementwise factors for ``d <= MAX_D`` and at least ``MIN_MEMBERS`` members, the
-general ones (:mod:`torch_mvn_ext._factor`) otherwise; the thresholds are measured by the benchmark's ``many_small``
-case. Both give the same numbers, the same errors and the same gradients; only the four primitives of
+:func:`factor_of` chooses: the elementwise factors for ``d <= MAX_D`` and at least ``MIN_MEMBERS_PER_D * d``
+members, the general ones (:mod:`torch_mvn_ext._factor`) otherwise; the thresholds are measured (see below). Both give the same numbers, the same errors and the same gradients; only the four primitives of
 :class:`~torch_mvn_ext._factor.TriangularFactor` (products, solves, sums of outer products) and the inverse differ.
 """
 
@@ -27,9 +26,12 @@ from ._checks import _transforms_active, differentiated
 from ._factor import KINDS, CholeskyFactor, PrecisionFactor, ScaleTril, TriangularFactor, cholesky
 from ._shapes import Grouping
 
-# The elementwise factors serve event sizes up to MAX_D and batches of at least MIN_MEMBERS matrices.
-MAX_D = 6
-MIN_MEMBERS = 256
+# The elementwise factors serve event sizes up to MAX_D and batches of at least MIN_MEMBERS_PER_D * d members: where
+# they became faster than the general factors (log_prob, rsample and the covariance Jacobian, float32 and float64, one
+# thread, benchmarks/many_small.py on a 2-core AMD EPYC): about 400 members at d = 2, 1000 at d = 4, 2000-3000 at
+# d = 6 and 8. At 1e5 members they are 5-14x faster at d = 2, 1.2-1.5x at d = 8.
+MAX_D = 8
+MIN_MEMBERS_PER_D = 512
 # With more rows than this per member (points sharing one matrix), products, solves and sums of outer products take
 # the general route: one BLAS call per member then does enough arithmetic to pay for itself.
 _MAX_ROWS = 16
@@ -43,7 +45,7 @@ def use_elementwise(matrix: Tensor) -> bool:
     if not 1 <= d <= MAX_D or matrix.dim() < 3:
         return False
     members = matrix.numel() // (d * d)
-    return members >= MIN_MEMBERS and not torch.compiler.is_compiling() and not _transforms_active()
+    return members >= MIN_MEMBERS_PER_D * d and not torch.compiler.is_compiling() and not _transforms_active()
 
 
 def structure_of_arrays(matrix: Tensor) -> Tensor:
