@@ -71,34 +71,37 @@ class Cell:
         )
 
 
-# Each cell's ratios as this check computes them, min-max of the first measurement over 10 runs of the check alone and
-# 10 while `python -m pytest -q -m "not slow"` ran alongside (`--retries 0 --json`): a 2-core AMD EPYC shared with
-# other jobs, load average 2.5-4.7 "alone" and 4-9 under load (a run took 16-27 s alone, 39-70 s under load); torch
-# 2.13, 1 thread; the library as of commit 2883713, whose float32 solves take the right route here.
+# Each cell's ratios as this check computes them, min-max of the first measurement (`--retries 0 --json`) over runs
+# of the check on a 2-core AMD EPYC, torch 2.13, 1 thread, float32 solves on the right route: "before", 10 alone and 10
+# beside `python -m pytest -q -m "not slow"` on the library of commit 2883713 (no fast path for many small Gaussians,
+# the layout cliff of the right-route scale_tril Jacobian); "now", 5 alone (load average 1.2-1.3) and 5 beside the
+# test suite (2.5-3.1) on the library with both fixed.
 #
-#                                             library / floor           torch / library
-#   cell                                      alone        under load   alone        under load
-#   lpg d=8 N=1                               1.47-1.69    0.48-1.95    3.88-5.67    1.38-13.4
-#   lpg d=64 N=1024                           0.40-0.49    0.08-0.63    2.93-3.92    2.64-15.0
-#   jac_loc d=64 N=1024                       0.43-0.54    0.28-0.97    17.3-25.9    12.0-28.6
-#   jac_scale_tril d=64 N=1024 (left route)   0.82-1.29    0.75-1.45    6.09-15.0    7.26-12.4
-#   jac_scale_tril d=64 N=1024 (right route)  4.03-6.53    3.23-7.21    1.36-2.84    1.12-2.47   the layout cliff
-#   jac_cov d=64 N=1024                       0.45-0.64    0.48-0.77    85.1-133     68.2-104
-#   precision d=64 N=16384                    1.07-1.46    0.75-1.48    3.51-4.41    3.22-4.35
-#   autograd d=64 N=1024                      0.62-0.78    0.12-0.96    1.84-2.48    1.74-12.2
-#   many_small_log_prob d=2 N=100000          16.3-30.2    12.6-21.2    0.86-1.14    0.84-1.17   no fast path yet
-#   many_small_log_prob d=3 N=100000          10.1-12.7    8.47-13.6    0.70-1.09    0.90-1.11
-#   many_small_lpg d=2 N=100000               12.1-15.7    8.76-16.1    1.81-1.88    1.70-1.93
-#   many_small_lpg d=3 N=100000               7.90-10.1    6.48-9.35    1.65-1.81    1.66-1.92
-#   many_small_rsample d=3 N=100000           2.55-3.24    2.18-3.53    0.96-1.08    0.84-1.20
+#                                             library / floor                      torch / library
+#                                             before              now              before              now
+#   cell                                      alone     load      alone     load   alone     load      alone      load
+#   lpg d=8 N=1                               1.47-1.69 0.48-1.95 1.48-1.58 1.48-1.92 3.88-5.67 1.38-13.4 4.08-4.31 3.33-4.75
+#   lpg d=64 N=1024                           0.40-0.49 0.08-0.63 0.45-0.46 0.43-0.50 2.93-3.92 2.64-15.0 2.97-3.08 2.85-3.30
+#   jac_loc d=64 N=1024                       0.43-0.54 0.28-0.97 0.43-0.44 0.43-0.50 17.3-25.9 12.0-28.6 20.6-26.0 17.4-30.1
+#   jac_scale_tril d=64 N=1024 (left route)   0.82-1.29 0.75-1.45 0.96-1.24 0.89-1.31 6.09-15.0 7.26-12.4 9.23-13.1 8.53-12.4
+#   jac_scale_tril d=64 N=1024 (right route)  4.03-6.53 3.23-7.21 0.75-0.82 0.74-1.08 1.36-2.84 1.12-2.47 9.76-16.9 7.48-13.3
+#   jac_cov d=64 N=1024                       0.45-0.64 0.48-0.77 0.41-0.65 0.50-0.67 85.1-133  68.2-104  87.2-146  48.7-134
+#   precision d=64 N=16384                    1.07-1.46 0.75-1.48 1.09-1.23 1.12-1.40 3.51-4.41 3.22-4.35 3.68-4.58 2.94-6.82
+#   autograd d=64 N=1024                      0.62-0.78 0.12-0.96 0.61-0.63 0.62-0.72 1.84-2.48 1.74-12.2 2.11-2.18 1.80-3.71
+#   many_small_log_prob d=2 N=100000          16.3-30.2 12.6-21.2 1.46-1.52 1.47-1.92 0.86-1.14 0.84-1.17 13.7-14.3 7.65-14.5
+#   many_small_log_prob d=3 N=100000          10.1-12.7 8.47-13.6 1.33-1.42 1.30-1.47 0.70-1.09 0.90-1.11 8.51-9.61 7.94-9.12
+#   many_small_lpg d=2 N=100000               12.1-15.7 8.76-16.1 1.30-1.38 1.35-1.45 1.81-1.88 1.70-1.93 20.7-23.4 19.0-31.2
+#   many_small_lpg d=3 N=100000               7.90-10.1 6.48-9.35 1.21-1.32 1.19-1.32 1.65-1.81 1.66-1.92 12.2-13.1 11.9-13.8
+#   many_small_rsample d=3 N=100000           2.55-3.24 2.18-3.53 1.05-1.07 1.02-1.28 0.96-1.08 0.84-1.20 3.10-3.25 2.21-4.97
 #
 # The thresholds are the "library / floor <= 2.0" and ">= 1.0x torch" wherever the worst measured ratio
-# clears them by 1.25x or more; elsewhere that worst ratio with a 1.25x margin, rounded out. The right-route
-# scale_tril cell is held to the left route's threshold: the same work, which only the layout of z makes 5x slower
-# (it fails until that is fixed). The many_small thresholds hold today's library (no fast path: torch's own batched
-# LAPACK calls, ~1.0x torch) and are to be tightened to the targets once the fast path lands (`--targets`
-# runs the check against them). Over the 20 runs no cell but the right-route scale_tril one missed a threshold, and
-# that one missed in all 20 (3.23 at best); a cell fails only if three measurements (9, 18, 36 rounds) all miss.
+# clears them by 1.25x or more; elsewhere that worst ratio with a 1.25x margin, rounded out (lpg at one point; the
+# many_small library / floor, whose floor is a dozen elementwise operations). The many_small speedups are held to 4x
+# (log_prob and the gradients, against the 5x: the worst measured 7.7x with a margin for other CPUs, whose
+# LAPACK loops differ) and 1.5x (rsample, whose time is mostly drawing the noise: the floor itself is 3x torch). The
+# right-route scale_tril cell is the layout cliff's: with the cliff put back by hand (the row-major copies in
+# _derivatives.per_sample_matrix removed) it measured 6.85, 6.36 and 6.82 and the check failed. A cell fails only if
+# three measurements (9, 18, 36 rounds) all miss.
 #
 # case, d, N, library / floor at most, torch / library at least, then the route and the targets.
 CELLS = [
@@ -110,11 +113,11 @@ CELLS = [
     Cell("jac_cov", 64, 1024, 2.0, 1.0, over_floor_target=1.3),
     Cell("precision", 64, 16384, 2.0, 1.0),
     Cell("autograd", 64, 1024, 2.0, 1.0),
-    Cell("many_small_log_prob", 2, 100_000, 40.0, 0.5, over_floor_target=1.3, speedup_target=5.0),
-    Cell("many_small_log_prob", 3, 100_000, 20.0, 0.5, over_floor_target=1.3, speedup_target=5.0),
-    Cell("many_small_lpg", 2, 100_000, 25.0, 1.0, over_floor_target=1.3, speedup_target=5.0),
-    Cell("many_small_lpg", 3, 100_000, 15.0, 1.0, over_floor_target=1.3, speedup_target=5.0),
-    Cell("many_small_rsample", 3, 100_000, 5.0, 0.5, over_floor_target=1.3, speedup_target=3.0),
+    Cell("many_small_log_prob", 2, 100_000, 2.5, 4.0, over_floor_target=1.3, speedup_target=5.0),
+    Cell("many_small_log_prob", 3, 100_000, 2.5, 4.0, over_floor_target=1.3, speedup_target=5.0),
+    Cell("many_small_lpg", 2, 100_000, 2.5, 4.0, over_floor_target=1.3, speedup_target=5.0),
+    Cell("many_small_lpg", 3, 100_000, 2.5, 4.0, over_floor_target=1.3, speedup_target=5.0),
+    Cell("many_small_rsample", 3, 100_000, 2.0, 1.5, over_floor_target=1.3, speedup_target=3.0),
 ]
 TOLERANCE = 1e-3  # largest relative difference between the library, the floor and torch before timing
 

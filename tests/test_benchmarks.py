@@ -243,7 +243,7 @@ def test_speed_check_exits_non_zero_when_a_cell_fails(check, monkeypatch, capsys
     assert {cell.case for cell in check.CELLS} <= set(check.run.CASE_FUNCTIONS)
     slow = check.CELLS[0]
     ratio = 2 * slow.max_over_floor  # library / floor, twice the threshold
-    fake = {cell.name: Measurements(times(1e-3, 1e-3, 2e-3)) for cell in check.CELLS}
+    fake = {cell.name: Measurements(times(1e-3, 1e-3, 1e-2)) for cell in check.CELLS}
     fake[slow.name] = Measurements(times(ratio * 1e-3, 1e-3, 1.0))
     monkeypatch.setattr(check, "prepare", lambda cell: fake[cell.name])
     threads = torch.get_num_threads()
@@ -256,7 +256,7 @@ def test_speed_check_exits_non_zero_when_a_cell_fails(check, monkeypatch, capsys
         f"FAILED {slow.name} failed 2 measurements: attempt 1 (3 rounds): {expected}; attempt 2 (6 rounds): {expected}"
     ]
     assert [m.rounds for name, m in fake.items() if name != slow.name] == [[3]] * (len(check.CELLS) - 1)
-    fake[slow.name] = Measurements(times(1e-3, 1e-3, 2e-3))
+    fake[slow.name] = Measurements(times(1e-3, 1e-3, 1e-2))
     assert check.main([]) == 0
 
 

@@ -4,14 +4,16 @@ Batched LAPACK calls (``cholesky``, ``solve_triangular``) and batched GEMMs on `
 their time in a loop over the members, not in arithmetic: torch's ``MultivariateNormal`` takes 18 ms for the
 log-density of 100,000 bivariate members with their own covariances. Here the same algorithms are written out entry
 by entry, each step one elementwise operation over the whole batch: the Cholesky factorization column by column
-(the same operations in the same order as LAPACK's unblocked ``potf2``, so the same rounding), forward and back
-substitution row by row, products with the factor, and sums of outer products. The factors computed here are
-assembled in "structure of arrays" order (entry ``(i, j)`` of every member contiguous), behind a view of the usual
-shape ``B + (d, d)``, so that each step reads one contiguous vector; rows are returned column by column for the same
-reason (interleaving ``d`` columns into row-major order is the slowest copy there is).
+(the arithmetic of LAPACK's unblocked ``potf2``, with a division where it multiplies by a reciprocal;
+``benchmarks/accuracy.py`` compares the errors with torch's), forward and back substitution row by row, products with
+the factor, and sums of outer products. A factor computed here is held as its entries, each contiguous over the
+batch, and assembled into a ``B + (d, d)`` tensor ("structure of arrays": entry ``(i, j)`` of every member
+contiguous) only if something asks for it; rows are returned column by column for the same reason (interleaving ``d``
+columns into row-major order is the slowest copy there is).
 
 :func:`factor_of` chooses: the elementwise factors for ``d <= MAX_D`` and at least ``MIN_MEMBERS_PER_D * d``
-members, the general ones (:mod:`torch_mvn_ext._factor`) otherwise; the thresholds are measured (see below). Both give the same numbers, the same errors and the same gradients; only the four primitives of
+members, the general ones (:mod:`torch_mvn_ext._factor`) otherwise; the thresholds are measured (see below). Both give
+the same numbers, the same errors and the same gradients; only the four primitives of
 :class:`~torch_mvn_ext._factor.TriangularFactor` (products, solves, sums of outer products) and the inverse differ.
 """
 
@@ -275,7 +277,7 @@ class ElementwiseCholesky(_Elementwise, CholeskyFactor):
             zero = self._raw[0, 0].new_zeros(()).expand(self.batch_shape)
             rows = [self._raw[i, j] if j <= i else zero for i in range(d) for j in range(d)]
             return torch.stack(rows, -1).unflatten(-1, (d, d))
-        return self.tensor.contiguous()
+        return self.tensor  # a factor given as a tensor (from_distribution) is the caller's
 
     def precision_matrix(self) -> Tensor:
         return self._gram_of_inverse()
