@@ -79,7 +79,7 @@ class TriangularFactor:
 
     def log_norm(self) -> Tensor:
         r""":math:`-\frac d2 \log 2\pi - \frac12\log\det\Sigma`, the log-density at the mean."""
-        return -0.5 * self.size * _LOG_2PI - self.half_log_det()
+        return torch.rsub(self.half_log_det(), -0.5 * self.size * _LOG_2PI)  # torch.rsub: no Python __rsub__
 
     def entropy(self) -> Tensor:
         return 0.5 * self.size * (1.0 + _LOG_2PI) + self.half_log_det()
