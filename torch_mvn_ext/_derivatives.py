@@ -10,7 +10,8 @@ w.r.t. each coordinate is a sample-dependent outer product :math:`u v^\top` and 
   :math:`\operatorname{tril}(\alpha z^\top) - \operatorname{diag}(1/L_{ii})`
 
 (torch autograd through :class:`torch.distributions.MultivariateNormal` gives the same.) Per-sample results are
-written in one pass over their ``S + (d, d)`` output; sums over samples are one GEMM per factor member.
+written in one pass over their ``S + (d, d)`` output; sums over samples are GEMMs per factor member, centered by
+the constant term (:func:`~torch_mvn_ext._factor.centered_outer_sum`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ._checks import _transforms_active, check_allocation, check_out
-from ._factor import TriangularFactor
+from ._factor import TriangularFactor, centered_outer_sum
 from ._shapes import Grouping, vech, vech_indices, vech_weights
 
 # Above this many output elements, vech results are gathered in chunks, so that the temporaries stay a fraction of
@@ -262,35 +263,31 @@ def _per_sample_vech(u: Tensor, v: Tensor, name: str, constant: Tensor, out: Ten
 
 def summed_matrix(res: Residual, name: str, layout: str, constant: Tensor, batch_shape: torch.Size) -> Tensor:
     r"""The gradient of :math:`\sum_s \log p(x_s)` w.r.t. the matrix ``name`` of batch shape ``batch_shape``: the
-    per-sample derivatives summed over the samples that share one of its members, one GEMM per member."""
-    u, v = res.outer_factors(name)
+    per-sample derivatives summed over the samples that share one of its members, by
+    :func:`~torch_mvn_ext._factor.centered_outer_sum` (GEMMs over chunks of samples, each centered by its share of
+    the constant term, which the sum of outer products nearly cancels near the optimum)."""
+    if name == "covariance_matrix":  # 1/2 sum_s (alpha alpha^T - Sigma^{-1})
+        u, v, scale = res.alpha, res.alpha, -0.5
+    elif name == "precision_matrix":  # 1/2 sum_s (Sigma - r r^T)
+        u, v, scale = res.r, res.r, 0.5
+    else:  # tril(sum_s alpha z^T) - N diag(1 / L_ii)
+        u, v, scale = res.alpha, res.z, -1.0
     g = res.grouping
     if g is None and not batch_shape:
-        count, flat_constant = res.c, constant
+        flat_constant = constant
     elif g is not None and batch_shape == g.batch_shape:
-        count = g.c
-        if name == "scale_tril":
-            flat_constant = constant.reshape(g.b, constant.shape[-1])
-        else:
-            flat_constant = g.flat_matrix(constant)
+        flat_constant = constant.reshape(g.b, constant.shape[-1]) if name == "scale_tril" else g.flat_matrix(constant)
     else:
         g = Grouping(res.shape, batch_shape)
         u, v = g.group(res.full(u)), g.group(res.full(v))
-        count = g.c
         if name == "scale_tril":
             flat_constant = g.flat_matrix(constant.unsqueeze(-1))[..., 0]
         else:
             flat_constant = g.flat_matrix(constant)
     if name == "scale_tril":
-        out = (u.mT @ v).tril_()
-        out.diagonal(dim1=-2, dim2=-1).sub_(count * flat_constant)
+        out = centered_outer_sum(u, v, torch.diag_embed(flat_constant), scale=scale).tril()
     else:
-        # (u^T v -/+ count K) / 2: one GEMM and its epilogue (baddbmm for a batch of members).
-        beta = -0.5 * count if name == "covariance_matrix" else 0.5 * count
-        if u.dim() == 2:
-            out = torch.addmm(flat_constant, u.mT, v, beta=beta, alpha=0.5)
-        else:
-            out = torch.baddbmm(flat_constant.expand(u.shape[0], -1, -1), u.mT, v, beta=beta, alpha=0.5)
+        out = centered_outer_sum(u, v, flat_constant, scale=scale)
     if g is not None:
         out = g.unflat_matrix(out)
     return vech(out, symmetric=name != "scale_tril") if layout == "vech" else out
