@@ -157,10 +157,25 @@ def result_shape(res: Residual, name: str, layout: str) -> torch.Size:
     return res.shape + ((d * (d + 1) // 2,) if layout == "vech" else (d, d))
 
 
-def check_outs(out: object, wrt: object, names: tuple[str, ...], res: Residual, layout: str) -> dict[str, Tensor]:
-    """``out=`` of ``jacobian``/``log_prob_and_grads`` as a dict by name, each checked against its result."""
+def check_outs(
+    out: object, wrt: object, names: tuple[str, ...], res: Residual, layout: str, inputs: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """``out=`` of ``jacobian``/``log_prob_and_grads`` as a dict by name, each checked against its result.
+
+    ``inputs``: the tensors the results depend on, by name (``value``, ``loc``, the matrix argument). As torch's own
+    ``out=`` functions refuse autograd, ``out=`` is refused, with a ``ValueError`` naming them, where grad mode is on
+    and any of them requires grad: the results would need a graph that a write into ``out`` cannot carry.
+    """
     if out is None:
         return {}
+    if torch.is_grad_enabled():
+        tracked = [name for name, t in inputs.items() if t.requires_grad]
+        if tracked:
+            raise ValueError(
+                f"out= is for inputs that do not require grad, as with torch's own out= arguments, but "
+                f"{' and '.join(tracked)} {'requires' if len(tracked) == 1 else 'require'} grad: call without out= "
+                f"for a differentiable result, or under torch.no_grad() to write into out"
+            )
     if isinstance(wrt, str):
         outs: dict[str, Any] = {wrt: out}
     elif isinstance(out, dict):

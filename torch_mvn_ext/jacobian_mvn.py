@@ -327,7 +327,10 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
             out (Tensor or dict of Tensor, optional): as torch's ``out=``: a tensor of exactly the result's shape,
                 dtype and device (a dict of them by name for several ``wrt``) that the result is written into and
                 returned as; anything else raises ``ValueError`` naming the expected shape. It saves the fresh pages
-                of large matrix results in loops over batches.
+                of large matrix results in loops over batches. As torch's own ``out=`` functions, it records no
+                autograd graph: with grad mode on, a ``value``, ``loc`` or matrix argument that requires grad
+                raises ``ValueError`` (call without ``out=`` for a differentiable result, or under
+                ``torch.no_grad()``).
 
         Returns:
             Tensor (or dict of them): shape ``S + (d,)`` for ``"value"`` and ``"loc"``, ``S + (d, d)`` for a
@@ -338,7 +341,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         names = check_wrt(wrt)
         check_choice("layout", layout, LAYOUTS)
         res = self._residual(value)
-        outs = check_outs(out, wrt, names, res, layout)
+        outs = check_outs(out, wrt, names, res, layout, self._inputs(value))
         result = {name: per_sample(res, name, layout, self._constant_term, outs.get(name)) for name in names}
         return result if not isinstance(wrt, str) else result[wrt]
 
@@ -365,7 +368,8 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
                 :func:`torch.autograd.grad` would return it. For a matrix other than the parametrization the
                 shape is ``batch_shape + (d, d)`` (``batch_shape + (d*(d+1)//2,)`` for ``layout="vech"``).
             layout (str): ``"full"`` or ``"vech"``, as in :meth:`jacobian`.
-            out (dict of Tensor, optional): for ``reduction="none"``, buffers by name as in :meth:`jacobian`.
+            out (dict of Tensor, optional): for ``reduction="none"``, buffers by name as in :meth:`jacobian`, and
+                like it refused (``ValueError``) for inputs that require grad while grad mode is on.
 
         Returns:
             tuple: ``(log_prob, grads)``, ``log_prob`` of shape ``S`` and ``grads`` a dict keyed by ``wrt``.
@@ -377,7 +381,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         check_choice("reduction", reduction, REDUCTIONS)
         res = self._residual(value)
         if reduction == "none":
-            outs = check_outs(out, tuple(names), names, res, layout)
+            outs = check_outs(out, tuple(names), names, res, layout, self._inputs(value))
             grads = {name: per_sample(res, name, layout, self._constant_term, outs.get(name)) for name in names}
         else:
             if out is not None:
@@ -528,6 +532,11 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         # Sigma^{-1} for alpha only where the factor was itself computed (see _autograd.log_prob).
         sigma_inverse = self._sigma_inverse_fn if self._parametrization == "covariance_matrix" else None
         return Residual(check_value(self, value) - self.loc, self._factor, sigma_inverse)
+
+    def _inputs(self, value: Tensor) -> dict[str, Tensor]:
+        """The tensors the derivatives at ``value`` depend on, by name (the factor requires grad only where the matrix
+        it was computed from does)."""
+        return {"value": value, "loc": self._unbroadcasted_loc, self._parametrization: self._unbroadcasted_matrix}
 
     def _sigma_inverse_fn(self) -> Tensor:
         return self._unbroadcasted_sigma_inverse
