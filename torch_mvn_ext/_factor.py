@@ -25,9 +25,17 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 class NotPositiveDefiniteError(torch.linalg.LinAlgError, ValueError):
-    """A matrix argument is not positive definite: a ``ValueError`` naming the argument, as for every bad argument,
-    and the ``torch.linalg.LinAlgError`` that torch's ``MultivariateNormal`` raises unvalidated, so code that retries a
-    factorization with jitter catches it as before."""
+    """A ``covariance_matrix`` or ``precision_matrix`` is not positive definite: its Cholesky factorization failed.
+
+    Raised by the :class:`JacobianMVN` constructor, with or without ``validate_args`` (and by
+    :meth:`~JacobianMVN.marginal` and :meth:`~JacobianMVN.condition`, which factorize blocks of the matrix, where
+    rounding leaves a block of a barely positive-definite matrix without a factorization); the message names the
+    argument. It is a ``ValueError``, as every bad argument is, and the ``torch.linalg.LinAlgError`` that torch's
+    ``MultivariateNormal`` raises unvalidated, so code that retries a factorization with jitter on
+    ``except torch.linalg.LinAlgError`` catches it as before.
+    """
+
+    __module__ = "torch_mvn_ext"  # exported there (tracebacks and the reference show the public name)
 
 
 def cholesky(matrix: Tensor, name: str) -> Tensor:

@@ -8,7 +8,7 @@ holds their math: :mod:`._factor` (the triangular factor), :mod:`._derivatives` 
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, NoReturn, Union
 
 import pyro.distributions
 import torch
@@ -444,8 +444,10 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         return info.expand(self._batch_shape + info.shape[-2:])
 
     @quiet_under_jit_trace
-    def natural_gradient(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
-        r"""Natural gradients :math:`F^{-1} g` from Euclidean ones, in :math:`O(d^3)` per member, never forming
+    def natural_gradient(self, grads: dict[str, Tensor], *args: NoReturn, **kwargs: NoReturn) -> dict[str, Tensor]:
+        r"""natural_gradient(grads)
+
+        Natural gradients :math:`F^{-1} g` from Euclidean ones, in :math:`O(d^3)` per member, never forming
         :math:`F`: :math:`\Sigma g` for ``"loc"`` (two triangular solves with a precision factor),
         :math:`2 \Sigma G \Sigma` for ``"covariance_matrix"``, :math:`2 P G P` for ``"precision_matrix"`` and
         :math:`L\,\Phi(L^\top G)`, :math:`\Phi(X) = \operatorname{tril}(X, -1) + \frac12 \operatorname{diag}(X)`, for
@@ -465,8 +467,16 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         Returns:
             dict: the same keys; shape ``broadcast_shapes(g.shape[:-1], batch_shape) + (d,)`` for ``"loc"`` and
             ``broadcast_shapes(G.shape[:-2], batch_shape) + (d, d)`` for the matrix.
+
+        Raises:
+            ValueError: for anything but that one dict (such as ``natural_gradient(g, "loc")``, the way
+                :meth:`fisher_information` takes its ``wrt``: here the keys say which coordinates), for unknown
+                keys, gradients w.r.t. two matrices, and shapes that do not fit.
         """
-        return _information.natural_gradient(self, grads)
+        given: tuple[object, ...] = args  # arguments it does not take, for the error message
+        extra: dict[str, object] = {str(i): arg for i, arg in enumerate(given, 1)}
+        extra.update(kwargs)
+        return _information.natural_gradient(self, grads, extra)
 
     def marginal(self, dims: Any) -> JacobianMVN:
         r"""The distribution of ``x[..., dims]``: mean ``loc[..., dims]``, covariance :math:`\Sigma_{aa}` with
