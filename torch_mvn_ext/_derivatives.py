@@ -257,8 +257,8 @@ def _per_sample_vech(u: Tensor, v: Tensor, name: str, constant: Tensor, out: Ten
     k = rows.numel()
     shape = u.shape[:-1] + (k,)
     result = torch.empty(shape, dtype=u.dtype, device=u.device) if out is None or not out.is_contiguous() else out
-    flat_u, flat_v, flat = u.reshape(-1, d), v.reshape(-1, d), result.view(-1, k)
-    m = flat.shape[0]
+    m = math.prod(u.shape[:-1])  # not -1 in the reshapes: with d = 0 there is nothing to infer it from
+    flat_u, flat_v, flat = u.reshape(m, d), v.reshape(m, d), result.view(m, k)
     step = max(1, m if flat.numel() <= _VECH_CHUNK_ELEMENTS else m // 4)
     for s in range(0, m, step):
         torch.index_select(flat_u[s : s + step], 1, rows, out=flat[s : s + step])

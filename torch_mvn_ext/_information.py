@@ -82,6 +82,9 @@ def tril_fisher_vech(precision: Tensor, inv_diag: Tensor) -> Tensor:
     k = d * (d + 1) // 2
     shape = precision.shape[:-2] + (k, k)
     check_allocation(shape, precision, "fisher_information")
+    out = precision.new_zeros(shape)
+    if not d:  # an empty event: nothing to write
+        return out
     at, ak, ai, ab = [], [], [], []
     for j in range(d):
         i = torch.arange(j, d, device=precision.device)
@@ -92,7 +95,6 @@ def tril_fisher_vech(precision: Tensor, inv_diag: Tensor) -> Tensor:
         ai.append(i.repeat_interleave(n))
         ab.append(i.repeat(n))
     out_rows, out_cols, p_rows, p_cols = (torch.cat(x) for x in (at, ak, ai, ab))
-    out = precision.new_zeros(shape)
     out[..., out_rows, out_cols] = precision[..., p_rows, p_cols]
     diagonal = torch.arange(d, device=precision.device)
     diagonal = diagonal * (diagonal + 1) // 2 + diagonal
