@@ -17,14 +17,23 @@ is not listed. KL is :math:`\mathrm{KL}(p \| q)` between the case's distribution
 (same size, condition number and scale), both from the same parametrization, by
 :func:`torch.distributions.kl_divergence` (torch's MVN-MVN rule for torch, ours for JacobianMVN).
 
+A second table measures the gradient of the *summed* ``log_prob`` w.r.t. the matrix the distribution was built
+with, at points drawn from the distribution itself: near the optimum, where the gradient (of order
+:math:`\sqrt N`) is a small difference of two sums of order :math:`N`, e.g. :math:`\frac12 (N\Sigma - \sum_s r_s
+r_s^\top)` for the precision. Ours by ``log_prob_and_grads(reduction="sum")`` and by autograd through ``log_prob``,
+torch's by autograd, against the same reference (the relative Frobenius error of the one matrix), over several
+seeds: the median of each error and the median and largest ratio ours / torch's.
+
 Usage::
 
-    python benchmarks/accuracy.py            # the full table (d up to 1024, 1e5 points): several minutes
+    python benchmarks/accuracy.py            # both tables (d up to 1024, 1e5 points; 1e6 summed): several minutes
     python benchmarks/accuracy.py --quick    # small sizes only
+    python benchmarks/accuracy.py --summed   # the summed-gradient table only
 """
 
 import argparse
 import math
+import statistics
 
 import numpy as np
 import scipy.linalg
@@ -228,6 +237,95 @@ def measure(dtype, parametrization, p_case, q_case):
     }
 
 
+# ------------------------------------------------------------------------------------------------
+# Summed gradients near the optimum.
+
+
+def reference_summed(gaussian, parametrization, loc, points):
+    r"""The gradient of the summed log-density w.r.t. the matrix ``parametrization``, in the precision of
+    ``gaussian`` (from :func:`_gaussian`), as a float64 array."""
+    sigma, prec, L, L_inv = gaussian
+    r = _to_numpy(points, sigma.dtype) - _to_numpy(loc, sigma.dtype)
+    n = sigma.dtype.type(r.shape[0])
+    if parametrization == "precision_matrix":  # 1/2 (N Sigma - sum_s r r^T)
+        out = 0.5 * (n * sigma - r.T @ r)
+    elif parametrization == "covariance_matrix":  # 1/2 (sum_s alpha alpha^T - N Sigma^{-1})
+        alpha = r @ prec
+        out = 0.5 * (alpha.T @ alpha - n * prec)
+    else:  # tril(sum_s alpha z^T) - N diag(1 / L_ii)
+        alpha, z = r @ prec, r @ L_inv.T
+        out = np.tril(alpha.T @ z) - n * np.diag(1 / np.diagonal(L))
+    return out.astype(np.float64)
+
+
+def summed_results(parametrization, matrix, loc, points):
+    """``{path: gradient}`` of the summed ``log_prob`` w.r.t. ``matrix``: ours in closed form and by autograd,
+    torch's by autograd."""
+    kwargs = dict(validate_args=False)
+    _, grads = JacobianMVN(loc, **{parametrization: matrix}, **kwargs).log_prob_and_grads(
+        points, (parametrization,), reduction="sum"
+    )
+    out = {"closed form": grads[parametrization]}
+    for name, cls in (("autograd", JacobianMVN), ("torch", MultivariateNormal)):
+        m = matrix.detach().clone().requires_grad_()
+        (out[name],) = torch.autograd.grad(cls(loc, **{parametrization: m}, **kwargs).log_prob(points).sum(), m)
+    return out
+
+
+def measure_summed(dtype, parametrization, case):
+    """``{path: (ours, torch)}`` relative errors of the summed gradient for one case from :func:`make_case` (points
+    drawn from the distribution: near the optimum), ``path`` ``"closed form"`` or ``"autograd"``."""
+    loc, cov, prec, points = case
+    matrix = {"covariance_matrix": cov, "precision_matrix": prec}.get(parametrization)
+    if matrix is None:
+        matrix = torch.from_numpy(_cholesky(_to_numpy(cov, LD)).astype(np.float64))
+    matrix, loc, points = matrix.to(dtype), loc.to(dtype), points.to(dtype)
+    ref = reference_summed(_gaussian(parametrization, matrix, REFERENCE[dtype]), parametrization, loc, points)
+    results = summed_results(parametrization, matrix, loc, points)
+    ref = torch.from_numpy(ref)
+    errors = {k: ((v.double() - ref).norm() / ref.norm()).item() for k, v in results.items()}
+    return {path: (errors[path], errors["torch"]) for path in ("closed form", "autograd")}
+
+
+# (d, number of points) per dtype, condition number 1e2; float64's extended-precision reference is a slow loop, so
+# its sizes are smaller.
+SUMMED_CASES = {
+    torch.float32: [(d, n) for d in (2, 8, 32) for n in (1_000, 100_000, 1_000_000)],
+    torch.float64: [(d, n) for d in (2, 8) for n in (1_000, 100_000)],
+}
+SUMMED_SEEDS = 4
+
+
+def summed_table(quick=False, seeds=SUMMED_SEEDS):
+    """Prints the summed-gradient table; returns the ratios ours / torch's of every seed, by path."""
+    header = ["dtype", "d", "points", "parametrization", "path", "ours", "torch", "ratio (median / max)"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    ratios = {"closed form": [], "autograd": []}
+    for dtype, cases in SUMMED_CASES.items():
+        for d, n in cases:
+            if quick and n > 100_000:
+                continue
+            per_seed = []
+            for seed in range(seeds):
+                case = make_case(d, n, 1e2, generator=torch.Generator().manual_seed(seed))
+                per_seed.append({pm: measure_summed(dtype, pm, case) for pm in PARAMETRIZATIONS})
+            for pm in PARAMETRIZATIONS:
+                for path in ratios:
+                    ours = [e[pm][path][0] for e in per_seed]
+                    theirs = [e[pm][path][1] for e in per_seed]
+                    r = [o / t for o, t in zip(ours, theirs)]
+                    ratios[path] += r
+                    row = [str(dtype).replace("torch.", ""), str(d), str(n), pm, path,
+                           f"{statistics.median(ours):.1e}", f"{statistics.median(theirs):.1e}",
+                           f"{statistics.median(r):.2f} / {max(r):.2f}"]
+                    print("| " + " | ".join(row) + " |", flush=True)
+    for path, r in ratios.items():
+        print(f"\n{path}: ratio ours / torch's over all rows and seeds: median {statistics.median(r):.2f}, "
+              f"max {max(r):.2f} (torch's / ours: max {max(1 / x for x in r):.2f})")
+    return ratios
+
+
 # (label, d, number of points, condition number, scale, tail factor)
 CASES = {
     torch.float32: [
@@ -262,11 +360,21 @@ def _cell(ours, theirs):
 
 def main(args=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="skip d = 512, 1024 and 1e5 points")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quick", action="store_true", help="skip d = 512, 1024, 1e5 points and, summed, 1e6 points"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first table's cases (default: 0)")
+    parser.add_argument("--summed", action="store_true", help="only the summed-gradient table")
+    parser.add_argument(
+        "--summed-seeds", type=int, default=SUMMED_SEEDS,
+        help=f"seeds per case of the summed-gradient table (default: {SUMMED_SEEDS})",
+    )
     args = parser.parse_args(args)
     if not EXTENDED_PRECISION:
         raise SystemExit("numpy.longdouble is not an extended-precision type on this platform; no reference")
+    if args.summed:
+        summed_table(args.quick, args.summed_seeds)
+        return
     header = ["dtype", "case", "d", "points", "parametrization"] + [f"{q} (ours / torch)" for q in QUANTITIES]
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
@@ -290,6 +398,9 @@ def main(args=None):
                     if t is not None and o > max(2 * t, floor)
                 ]
     print(f"\nCells where ours is above both twice torch's error and 16 ulps: {worse or 'none'}")
+    print("\nSummed gradients w.r.t. the matrix at points drawn from the distribution (near the optimum), relative "
+          "errors, medians over seeds:\n")
+    summed_table(args.quick, args.summed_seeds)
 
 
 if __name__ == "__main__":

@@ -304,3 +304,42 @@ def test_torch_compile_keeps_the_second_derivative(parametrization, assert_close
 
     for a, b in zip(penalty(JacobianMVN), penalty(MultivariateNormal)):
         assert_close(a, b)
+
+
+SUMMED_SHAPES = {
+    # (loc shape, matrix batch, value shape): one matrix for all points, and one per member of a batch (3 members of
+    # 26 points each, or of 4). With the one-GEMM epilogue up to 3 points and chunks of 4 * D = 12 points beyond 24,
+    # the first two take chunks and leave a tail of points after the last one, the last two are one GEMM each.
+    "unbatched-chunks": ((D,), (), (29, D)),
+    "batched-chunks": ((2, 1, D), (3,), (13, 2, 3, D)),
+    "unbatched-one-gemm": ((D,), (), (5, D)),
+    "batched-one-gemm": ((2, 1, D), (3,), (2, 2, 3, D)),
+}
+
+
+@pytest.mark.parametrize("shapes", list(SUMMED_SHAPES.values()), ids=list(SUMMED_SHAPES))
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_sums_over_many_samples_match_torch(monkeypatch, parametrization, shapes, assert_close):
+    """Sums over many samples run as one GEMM and then in centered chunks (``_factor.centered_outer_sum``); forced
+    here at a few points: first- and second-order autograd with a non-uniform upstream gradient, and the
+    closed-form summed gradients, equal torch's."""
+    monkeypatch.setattr(_factor, "_SUM_CHUNK", 3)
+    monkeypatch.setattr(_factor, "_CHUNKED_FROM", 6)
+    loc_shape, mat_batch, x_shape = shapes
+    x, loc, m = inputs(parametrization, loc_shape, mat_batch, x_shape)
+    w = torch.randn(torch.broadcast_shapes(x_shape[:-1], loc_shape[:-1], mat_batch), dtype=torch.float64)
+    results = []
+    for cls in (JacobianMVN, MultivariateNormal):
+        lp = (cls(loc, **{parametrization: m}).log_prob(x) * w).sum()
+        first = torch.autograd.grad(lp, (x, loc, m), create_graph=True)
+        v = sum((g * torch.ones_like(g).cumsum(-1)).sum() for g in first)
+        results.append(first + torch.autograd.grad(v, (x, loc, m)))
+    for a, b in zip(*results):
+        assert_close(a, b)
+    d = JacobianMVN(loc.detach(), **{parametrization: m.detach()})
+    _, grads = d.log_prob_and_grads(x.detach(), tuple(PROJECT), reduction="sum")
+    for name in PROJECT:
+        matrix = getattr(MultivariateNormal(loc.detach(), **{parametrization: m.detach()}), name)
+        matrix = (matrix if name != parametrization else m).detach().clone().requires_grad_()
+        ref = MultivariateNormal(loc.detach(), **{name: matrix}).log_prob(x.detach()).sum()
+        assert_close(grads[name], torch.autograd.grad(ref, matrix)[0], msg=name)

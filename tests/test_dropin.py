@@ -673,6 +673,49 @@ def test_out_of_wrong_shape_or_dtype_raises(method, wrong):
             d.log_prob_and_grads(x, ("covariance_matrix",), out={"covariance_matrix": buf})
 
 
+def _torch_per_sample(loc, cov, x, wrt):
+    """Per-sample derivatives of log_prob w.r.t. ``wrt`` by ``torch.func.vmap(grad)`` through torch's MVN (built
+    from ``wrt``'s matrix for a matrix ``wrt``), full layout; ``loc``, ``cov`` and ``x`` share one batch shape."""
+    name = wrt if wrt in MATRIX_WRT else "covariance_matrix"
+
+    def log_prob(value, mean, matrix):
+        return MultivariateNormal(mean, **{name: matrix}, validate_args=False).log_prob(value)
+
+    argnum = {"value": 0, "loc": 1}.get(wrt, 2)
+    shape = x.shape[:-1]
+    args = (x.reshape(-1, D), loc.expand(shape + (D,)).reshape(-1, D),
+            matrix_for(name, cov).expand(shape + (D, D)).reshape(-1, D, D))
+    out = torch.func.vmap(torch.func.grad(log_prob, argnums=argnum))(*(a.detach() for a in args))
+    return out.reshape(shape + out.shape[1:])
+
+
+@pytest.mark.parametrize("method", ["jacobian", "log_prob_and_grads"])
+@pytest.mark.parametrize("wrt", WRT)
+@pytest.mark.parametrize("tracked", ["value", "loc", "covariance_matrix"])
+def test_out_is_refused_for_inputs_that_require_grad(tracked, wrt, method, assert_close):
+    """out= records no graph, as torch's own out= functions: with grad mode on, an input that requires grad raises a
+    ValueError naming it (never torch's raw "functions with out=... don't support automatic differentiation", nor a
+    silent copy with a graph); under torch.no_grad() the same call writes torch's per-sample derivatives into out."""
+    loc = torch.randn(4, D, dtype=torch.float64).requires_grad_(tracked == "loc")
+    cov = random_spd((4,), D).requires_grad_(tracked == "covariance_matrix")
+    x = torch.randn(5, 4, D, dtype=torch.float64).requires_grad_(tracked == "value")
+    d = JacobianMVN(loc, covariance_matrix=cov)
+    buf = torch.full((5, 4, D) if wrt in ("value", "loc") else (5, 4, D, D), math.nan, dtype=torch.float64)
+
+    def call():
+        if method == "jacobian":
+            return d.jacobian(x, wrt, out=buf)
+        return d.log_prob_and_grads(x, (wrt,), out={wrt: buf})[1][wrt]
+
+    with pytest.raises(ValueError, match=rf"out= is for inputs that do not require grad.* but {tracked} requires grad"):
+        call()
+    assert buf.isnan().all()  # nothing was written
+    with torch.no_grad():
+        result = call()
+    assert result.data_ptr() == buf.data_ptr() and not result.requires_grad
+    assert_close(buf, _torch_per_sample(loc, cov.expand(4, D, D), x.expand(5, 4, D), wrt))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Per-sample matrix Jacobians of parameters that require grad (an nn.Parameter in a training loop), and under vmap.
 

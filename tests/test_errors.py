@@ -7,6 +7,7 @@ import torch
 from helpers import random_spd
 from torch.distributions import MultivariateNormal, kl_divergence
 
+import torch_mvn_ext
 from torch_mvn_ext import JacobianMVN
 
 D = 3
@@ -181,6 +182,17 @@ CASES += [
      r"value is on device meta but the distribution is on device cpu"),
     ("natural_gradient-device", lambda: dist().natural_gradient({"loc": x(D).to("meta")}), ValueError,
      r"grads\['loc'\] is on device meta but the distribution is on device cpu"),
+    # natural_gradient called the way fisher_information is: it takes the one dict, whose keys say the coordinates.
+    ("natural_gradient-tensor-and-wrt", lambda: dist().natural_gradient(x(D), "loc"), ValueError,
+     r"natural_gradient takes one argument, grads: a non-empty dict of gradients keyed by 'loc' and/or one of "
+     r"'covariance_matrix', 'precision_matrix', 'scale_tril', such as natural_gradient\(\{'loc': g\}\); "
+     r"got \(a tensor of shape \(3,\), 'loc'\)"),
+    ("natural_gradient-dict-and-wrt", lambda: dist().natural_gradient({"loc": x(D)}, "loc"), ValueError,
+     r"natural_gradient takes one argument, grads: .*; got \(a dict, 'loc'\)"),
+    ("natural_gradient-wrt-keyword", lambda: dist().natural_gradient({"loc": x(D)}, wrt="loc"), ValueError,
+     r"natural_gradient takes one argument, grads: .*; got \(a dict, wrt='loc'\)"),
+    ("natural_gradient-tensor", lambda: dist().natural_gradient(x(D)), ValueError,
+     r"natural_gradient takes one argument, grads: a non-empty dict .*; got \(a tensor of shape \(3,\)\)"),
     ("marginal-dims-float-tensor-entry", lambda: dist().marginal([torch.tensor(1.0)]), ValueError,
      r"dims must contain ints; got tensor\(1\.\)"),
     ("marginal-dims-bool-tensor-entry", lambda: dist().marginal([torch.tensor(True)]), ValueError,
@@ -220,6 +232,19 @@ def test_not_positive_definite_is_also_torchs_linalg_error(parametrization, vali
         dist(validate_args, **{parametrization: NOT_PD})
     with pytest.raises(torch.linalg.LinAlgError):
         MultivariateNormal(loc(), **{parametrization: NOT_PD}, validate_args=False)
+
+
+@pytest.mark.parametrize("parametrization", ["covariance_matrix", "precision_matrix"])
+def test_not_positive_definite_error_is_public(parametrization):
+    """What is raised is the exported ``torch_mvn_ext.NotPositiveDefiniteError``, under its public name, and it can
+    be caught as a ValueError or as torch's LinAlgError."""
+    assert "NotPositiveDefiniteError" in torch_mvn_ext.__all__
+    error = torch_mvn_ext.NotPositiveDefiniteError
+    assert issubclass(error, ValueError) and issubclass(error, torch.linalg.LinAlgError)
+    with pytest.raises(error) as raised:
+        dist(False, **{parametrization: NOT_PD})
+    assert type(raised.value) is error
+    assert f"{error.__module__}.{error.__qualname__}" == "torch_mvn_ext.NotPositiveDefiniteError"
 
 
 def test_unvalidated_scale_tril_with_negative_diagonal_is_the_distribution_it_samples():

@@ -1,9 +1,10 @@
 """A multivariate normal for PyTorch and Pyro with closed-form per-sample derivatives of its log-density."""
 
 from . import kl  # noqa: F401  (registers the KL divergences)
+from ._factor import NotPositiveDefiniteError
 from .autoguide import AutoJacobianMVN
 from .jacobian_mvn import JacobianMVN
 
 __version__ = "0.1.0"
 
-__all__ = ["AutoJacobianMVN", "JacobianMVN", "__version__"]
+__all__ = ["AutoJacobianMVN", "JacobianMVN", "NotPositiveDefiniteError", "__version__"]

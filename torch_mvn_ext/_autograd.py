@@ -14,7 +14,8 @@ and for a precision factor :math:`T = L^{-1}` (:math:`P = T^\top T`),
 (:meth:`~torch_mvn_ext._factor.TriangularFactor.gradient`). For the covariance parametrization the gradient goes to
 :math:`\Sigma` itself, :math:`\bar\Sigma = \frac12\big(\sum_s g_s \alpha_s \alpha_s^\top - (\sum_s g_s)\,\Sigma^{-1}\big)`
 (symmetric, as torch's autograd through the Cholesky factorization gives it), and skips the backward of the
-Cholesky factorization. The sums over samples sharing a factor are one GEMM each. The backward is written with
+Cholesky factorization. The sums over samples sharing a factor are GEMMs, centered by the constant term
+(:func:`~torch_mvn_ext._factor.centered_outer_sum`). The backward is written with
 differentiable operations, so double backward works; ``jvp`` and the generated vmap rule make ``torch.func``
 transforms work.
 """
@@ -28,16 +29,18 @@ from torch import Tensor
 
 from ._checks import _transforms_active
 from ._derivatives import Residual
-from ._factor import KINDS, TriangularFactor
+from ._factor import KINDS, TriangularFactor, centered_outer_sum
 
 
 def _covariance_gradient(res: Residual, weights: Tensor, weighted_alpha: Tensor) -> Tensor:
-    r""":math:`\frac12\big(\sum_s g_s \alpha_s \alpha_s^\top - (\sum_s g_s)\Sigma^{-1}\big)` for each factor member,
-    symmetrized (the GEMM's two triangles round differently)."""
-    outer = res.factor.outer_sum(weighted_alpha, res.alpha)
-    total = weights.sum((-2, -1)).unsqueeze(-1).unsqueeze(-1)
+    r""":math:`\frac12\sum_s g_s (\alpha_s \alpha_s^\top - \Sigma^{-1})` for each factor member, summed by
+    :func:`~torch_mvn_ext._factor.centered_outer_sum` (near the optimum the two terms nearly cancel), symmetrized (the
+    GEMM's two triangles round differently)."""
     sigma_inverse = res.flat(res.sigma_inverse())
-    return res.unflat(0.25 * (outer + outer.mT) - 0.5 * total * sigma_inverse)
+    centered = centered_outer_sum(
+        weighted_alpha, res.alpha, sigma_inverse, weights, scale=-0.25, outer_sum=res.factor.outer_sum
+    )
+    return res.unflat(centered + centered.mT)
 
 
 def _residual(r: Tensor, factor: TriangularFactor, from_covariance: bool, z: Tensor | None = None) -> Residual:
@@ -112,7 +115,7 @@ class LogProb(torch.autograd.Function):
             # backward differentiate again exactly as they differentiate torch's MultivariateNormal.
             factor = res.factor
             u, v = factor.gradient_terms(weights, weighted_alpha, res.z, res.r)
-            grad_tensor = res.unflat(factor.gradient(u, v, weights.sum((-2, -1)).unsqueeze(-1)))
+            grad_tensor = res.unflat(factor.gradient(u, v, weights))
         return grad_r, grad_tensor, grad_covariance, None
 
     @classmethod

@@ -10,7 +10,8 @@ w.r.t. each coordinate is a sample-dependent outer product :math:`u v^\top` and 
   :math:`\operatorname{tril}(\alpha z^\top) - \operatorname{diag}(1/L_{ii})`
 
 (torch autograd through :class:`torch.distributions.MultivariateNormal` gives the same.) Per-sample results are
-written in one pass over their ``S + (d, d)`` output; sums over samples are one GEMM per factor member.
+written in one pass over their ``S + (d, d)`` output; sums over samples are GEMMs per factor member, centered by
+the constant term (:func:`~torch_mvn_ext._factor.centered_outer_sum`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_allocation, check_out, differentiated
-from ._factor import TriangularFactor
+from ._factor import TriangularFactor, centered_outer_sum
 from ._shapes import Grouping, sum_to, vech, vech_indices, vech_weights
 
 # Above this many output elements, vech results are gathered in chunks, so that the temporaries stay a fraction of
@@ -156,10 +157,25 @@ def result_shape(res: Residual, name: str, layout: str) -> torch.Size:
     return res.shape + ((d * (d + 1) // 2,) if layout == "vech" else (d, d))
 
 
-def check_outs(out: object, wrt: object, names: tuple[str, ...], res: Residual, layout: str) -> dict[str, Tensor]:
-    """``out=`` of ``jacobian``/``log_prob_and_grads`` as a dict by name, each checked against its result."""
+def check_outs(
+    out: object, wrt: object, names: tuple[str, ...], res: Residual, layout: str, inputs: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """``out=`` of ``jacobian``/``log_prob_and_grads`` as a dict by name, each checked against its result.
+
+    ``inputs``: the tensors the results depend on, by name (``value``, ``loc``, the matrix argument). As torch's own
+    ``out=`` functions refuse autograd, ``out=`` is refused, with a ``ValueError`` naming them, where grad mode is on
+    and any of them requires grad: the results would need a graph that a write into ``out`` cannot carry.
+    """
     if out is None:
         return {}
+    if torch.is_grad_enabled():
+        tracked = [name for name, t in inputs.items() if t.requires_grad]
+        if tracked:
+            raise ValueError(
+                f"out= is for inputs that do not require grad, as with torch's own out= arguments, but "
+                f"{' and '.join(tracked)} {'requires' if len(tracked) == 1 else 'require'} grad: call without out= "
+                f"for a differentiable result, or under torch.no_grad() to write into out"
+            )
     if isinstance(wrt, str):
         outs: dict[str, Any] = {wrt: out}
     elif isinstance(out, dict):
@@ -244,8 +260,8 @@ def _per_sample_vech(u: Tensor, v: Tensor, name: str, constant: Tensor, out: Ten
     k = rows.numel()
     shape = u.shape[:-1] + (k,)
     result = torch.empty(shape, dtype=u.dtype, device=u.device) if out is None or not out.is_contiguous() else out
-    flat_u, flat_v, flat = u.reshape(-1, d), v.reshape(-1, d), result.view(-1, k)
-    m = flat.shape[0]
+    m = math.prod(u.shape[:-1])  # not -1 in the reshapes: with d = 0 there is nothing to infer it from
+    flat_u, flat_v, flat = u.reshape(m, d), v.reshape(m, d), result.view(m, k)
     step = max(1, m if flat.numel() <= _VECH_CHUNK_ELEMENTS else m // 4)
     for s in range(0, m, step):
         torch.index_select(flat_u[s : s + step], 1, rows, out=flat[s : s + step])
@@ -265,32 +281,32 @@ def _per_sample_vech(u: Tensor, v: Tensor, name: str, constant: Tensor, out: Ten
 
 def summed_matrix(res: Residual, name: str, layout: str, constant: Tensor, batch_shape: torch.Size) -> Tensor:
     r"""The gradient of :math:`\sum_s \log p(x_s)` w.r.t. the matrix ``name`` of batch shape ``batch_shape``: the
-    per-sample derivatives summed over the samples that share one of its members, one GEMM per member."""
-    u, v = res.outer_factors(name)
+    per-sample derivatives summed over the samples that share one of its members, by
+    :func:`~torch_mvn_ext._factor.centered_outer_sum` (GEMMs over chunks of samples, each centered by its share of
+    the constant term, which the sum of outer products nearly cancels near the optimum)."""
+    if name == "covariance_matrix":  # 1/2 sum_s (alpha alpha^T - Sigma^{-1})
+        u, v, scale = res.alpha, res.alpha, -0.5
+    elif name == "precision_matrix":  # 1/2 sum_s (Sigma - r r^T)
+        u, v, scale = res.r, res.r, 0.5
+    else:  # tril(sum_s alpha z^T) - N diag(1 / L_ii)
+        u, v, scale = res.alpha, res.z, -1.0
     g = res.grouping
     if g is None and not batch_shape:
-        count, flat_constant = res.c, constant
+        flat_constant = constant
     elif g is not None and batch_shape == g.batch_shape:
-        count = g.c
-        if name == "scale_tril":
-            flat_constant = constant.reshape(g.b, constant.shape[-1])
-        else:
-            flat_constant = g.flat_matrix(constant)
+        flat_constant = constant.reshape(g.b, constant.shape[-1]) if name == "scale_tril" else g.flat_matrix(constant)
     else:
         g = Grouping(res.shape, batch_shape)
         u, v = g.group(res.full(u)), g.group(res.full(v))
-        count = g.c
         if name == "scale_tril":
             flat_constant = g.flat_matrix(constant.unsqueeze(-1))[..., 0]
         else:
             flat_constant = g.flat_matrix(constant)
+    outer_sum = res.factor.outer_sum
     if name == "scale_tril":
-        out = res.factor.outer_sum(u, v).tril_()
-        out.diagonal(dim1=-2, dim2=-1).sub_(count * flat_constant)
+        out = centered_outer_sum(u, v, torch.diag_embed(flat_constant), scale=scale, outer_sum=outer_sum).tril()
     else:
-        # (u^T v -/+ count K) / 2: one GEMM and its epilogue (a batched one for a batch of members).
-        beta = -0.5 * count if name == "covariance_matrix" else 0.5 * count
-        out = res.factor.outer_sum(u, v, flat_constant, beta=beta, alpha=0.5)
+        out = centered_outer_sum(u, v, flat_constant, scale=scale, outer_sum=outer_sum)
     if g is not None:
         out = g.unflat_matrix(out)
     # row-major for users (the elementwise factors of small matrices compute structure-of-arrays)

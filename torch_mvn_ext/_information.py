@@ -82,6 +82,9 @@ def tril_fisher_vech(precision: Tensor, inv_diag: Tensor) -> Tensor:
     k = d * (d + 1) // 2
     shape = precision.shape[:-2] + (k, k)
     check_allocation(shape, precision, "fisher_information")
+    out = precision.new_zeros(shape)
+    if not d:  # an empty event: nothing to write
+        return out
     at, ak, ai, ab = [], [], [], []
     for j in range(d):
         i = torch.arange(j, d, device=precision.device)
@@ -92,7 +95,6 @@ def tril_fisher_vech(precision: Tensor, inv_diag: Tensor) -> Tensor:
         ai.append(i.repeat_interleave(n))
         ab.append(i.repeat(n))
     out_rows, out_cols, p_rows, p_cols = (torch.cat(x) for x in (at, ak, ai, ab))
-    out = precision.new_zeros(shape)
     out[..., out_rows, out_cols] = precision[..., p_rows, p_cols]
     diagonal = torch.arange(d, device=precision.device)
     diagonal = diagonal * (diagonal + 1) // 2 + diagonal
@@ -137,13 +139,15 @@ def fisher_information(dist: JacobianMVN, wrt: str, layout: str) -> Tensor:
     return tril_fisher_vech(dist._unbroadcasted_sigma_inverse, dist._factor.inv_scale_diag())
 
 
-def natural_gradient(dist: JacobianMVN, grads: object) -> dict[str, Tensor]:
-    """The natural gradients of the Euclidean ``grads`` (see :meth:`JacobianMVN.natural_gradient`)."""
+def natural_gradient(dist: JacobianMVN, grads: object, extra: dict[str, object]) -> dict[str, Tensor]:
+    """The natural gradients of the Euclidean ``grads`` (see :meth:`JacobianMVN.natural_gradient`); ``extra``: any
+    further arguments it was called with, by position (``"1"``, ...) or keyword, which it does not take."""
     allowed = WRT[1:]
-    if not isinstance(grads, dict) or not grads:
+    if extra or not isinstance(grads, dict) or not grads:
+        got = [_describe(grads)] + [_describe(v) if k.isdigit() else f"{k}={_describe(v)}" for k, v in extra.items()]
         raise ValueError(
-            f"grads must be a non-empty dict keyed by 'loc' and/or one of {', '.join(map(repr, allowed[1:]))}; "
-            f"got {type(grads).__name__}{' (empty)' if isinstance(grads, dict) else ''}"
+            f"natural_gradient takes one argument, grads: a non-empty dict of gradients keyed by 'loc' and/or one of "
+            f"{', '.join(map(repr, allowed[1:]))}, such as natural_gradient({{'loc': g}}); got ({', '.join(got)})"
         )
     for name in grads:
         check_choice("each key of grads", name, allowed)
@@ -171,3 +175,14 @@ def natural_gradient(dist: JacobianMVN, grads: object) -> dict[str, Tensor]:
             nat = symmetric_natural_gradient(m, g)
         out[name] = nat.expand(shape + event + event)
     return out
+
+
+def _describe(arg: object) -> str:
+    """A short description of an argument for an error message."""
+    if isinstance(arg, Tensor):
+        return f"a tensor of shape {tuple(arg.shape)}"
+    if isinstance(arg, dict) and not arg:
+        return "an empty dict"
+    if isinstance(arg, (str, int, float, bool)) or arg is None:
+        return repr(arg)
+    return f"a {type(arg).__name__}"

@@ -9,7 +9,7 @@ that holds their math: ``_factor`` (the triangular factor), ``_derivatives`` (Ja
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union, overload
+from typing import Any, NoReturn, Union, overload
 
 import pyro.distributions
 import torch
@@ -339,7 +339,10 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
             out (Tensor or dict of Tensor, optional): as torch's ``out=``: a tensor of exactly the result's shape,
                 dtype and device (a dict of them by name for several ``wrt``) that the result is written into and
                 returned as; anything else raises ``ValueError`` naming the expected shape. It saves the fresh pages
-                of large matrix results in loops over batches.
+                of large matrix results in loops over batches. As torch's own ``out=`` functions, it records no
+                autograd graph: with grad mode on, a ``value``, ``loc`` or matrix argument that requires grad
+                raises ``ValueError`` (call without ``out=`` for a differentiable result, or under
+                ``torch.no_grad()``).
 
         Returns:
             Tensor (or dict of them): shape ``S + (d,)`` for ``"value"`` and ``"loc"``, ``S + (d, d)`` for a
@@ -350,7 +353,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         names = check_wrt(wrt)
         check_choice("layout", layout, LAYOUTS)
         res = self._residual(value)
-        outs = check_outs(out, wrt, names, res, layout)
+        outs = check_outs(out, wrt, names, res, layout, self._inputs(value))
         result = {name: per_sample(res, name, layout, self._constant_term, outs.get(name)) for name in names}
         return result if not isinstance(wrt, str) else result[wrt]
 
@@ -377,7 +380,8 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
                 :func:`torch.autograd.grad` would return it. For a matrix other than the parametrization the
                 shape is ``batch_shape + (d, d)`` (``batch_shape + (d*(d+1)//2,)`` for ``layout="vech"``).
             layout (str): ``"full"`` or ``"vech"``, as in :meth:`jacobian`.
-            out (dict of Tensor, optional): for ``reduction="none"``, buffers by name as in :meth:`jacobian`.
+            out (dict of Tensor, optional): for ``reduction="none"``, buffers by name as in :meth:`jacobian`, and
+                like it refused (``ValueError``) for inputs that require grad while grad mode is on.
 
         Returns:
             tuple: ``(log_prob, grads)``, ``log_prob`` of shape ``S`` and ``grads`` a dict keyed by ``wrt``.
@@ -389,7 +393,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         check_choice("reduction", reduction, REDUCTIONS)
         res = self._residual(value)
         if reduction == "none":
-            outs = check_outs(out, tuple(names), names, res, layout)
+            outs = check_outs(out, tuple(names), names, res, layout, self._inputs(value))
             grads = {name: per_sample(res, name, layout, self._constant_term, outs.get(name)) for name in names}
         else:
             if out is not None:
@@ -463,8 +467,10 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         return info.expand(self._batch_shape + info.shape[-2:])
 
     @quiet_under_jit_trace
-    def natural_gradient(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
-        r"""Natural gradients :math:`F^{-1} g` from Euclidean ones, in :math:`O(d^3)` per member, never forming
+    def natural_gradient(self, grads: dict[str, Tensor], *args: NoReturn, **kwargs: NoReturn) -> dict[str, Tensor]:
+        r"""natural_gradient(grads)
+
+        Natural gradients :math:`F^{-1} g` from Euclidean ones, in :math:`O(d^3)` per member, never forming
         :math:`F`: :math:`\Sigma g` for ``"loc"`` (two triangular solves with a precision factor),
         :math:`2 \Sigma G \Sigma` for ``"covariance_matrix"``, :math:`2 P G P` for ``"precision_matrix"`` and
         :math:`L\,\Phi(L^\top G)`, :math:`\Phi(X) = \operatorname{tril}(X, -1) + \frac12 \operatorname{diag}(X)`, for
@@ -484,8 +490,16 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         Returns:
             dict: the same keys; shape ``broadcast_shapes(g.shape[:-1], batch_shape) + (d,)`` for ``"loc"`` and
             ``broadcast_shapes(G.shape[:-2], batch_shape) + (d, d)`` for the matrix.
+
+        Raises:
+            ValueError: for anything but that one dict (such as ``natural_gradient(g, "loc")``, the way
+                :meth:`fisher_information` takes its ``wrt``: here the keys say which coordinates), for unknown
+                keys, gradients w.r.t. two matrices, and shapes that do not fit.
         """
-        return _information.natural_gradient(self, grads)
+        given: tuple[object, ...] = args  # arguments it does not take, for the error message
+        extra: dict[str, object] = {str(i): arg for i, arg in enumerate(given, 1)}
+        extra.update(kwargs)
+        return _information.natural_gradient(self, grads, extra)
 
     def marginal(self, dims: Sequence[int] | Tensor) -> JacobianMVN:
         r"""The distribution of ``x[..., dims]``: mean ``loc[..., dims]``, covariance :math:`\Sigma_{aa}` with
@@ -564,6 +578,11 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         # Sigma^{-1} for alpha only where the factor was itself computed (see _autograd.log_prob).
         sigma_inverse = self._sigma_inverse_fn if self._parametrization == "covariance_matrix" else None
         return Residual(check_value(self, value) - self.loc, self._factor, sigma_inverse)
+
+    def _inputs(self, value: Tensor) -> dict[str, Tensor]:
+        """The tensors the derivatives at ``value`` depend on, by name (the factor requires grad only where the matrix
+        it was computed from does)."""
+        return {"value": value, "loc": self._unbroadcasted_loc, self._parametrization: self._unbroadcasted_matrix}
 
     def _sigma_inverse_fn(self) -> Tensor:
         return self._unbroadcasted_sigma_inverse
