@@ -33,7 +33,9 @@ Usage::
 
 import argparse
 import math
+import os
 import statistics
+import sys
 
 import numpy as np
 import scipy.linalg
@@ -42,6 +44,10 @@ from torch.distributions import MultivariateNormal, kl_divergence
 from torch.func import grad, vmap
 
 from torch_mvn_ext import JacobianMVN
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # the sibling module, also when imported by path
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+import accuracy_small  # noqa: E402
 
 PARAMETRIZATIONS = ("covariance_matrix", "precision_matrix", "scale_tril")
 QUANTITIES = ("log_prob", "value") + PARAMETRIZATIONS + ("KL",)
@@ -366,6 +372,10 @@ def main(args=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the first table's cases (default: 0)")
     parser.add_argument("--summed", action="store_true", help="only the summed-gradient table")
     parser.add_argument(
+        "--many-small", action="store_true",
+        help="only the table of many small Gaussians (accuracy_small.py: ill-conditioned 2x2 and 3x3 members)",
+    )
+    parser.add_argument(
         "--summed-seeds", type=int, default=SUMMED_SEEDS,
         help=f"seeds per case of the summed-gradient table (default: {SUMMED_SEEDS})",
     )
@@ -374,6 +384,9 @@ def main(args=None):
         raise SystemExit("numpy.longdouble is not an extended-precision type on this platform; no reference")
     if args.summed:
         summed_table(args.quick, args.summed_seeds)
+        return
+    if args.many_small:
+        print(accuracy_small.table())
         return
     header = ["dtype", "case", "d", "points", "parametrization"] + [f"{q} (ours / torch)" for q in QUANTITIES]
     print("| " + " | ".join(header) + " |")
@@ -401,6 +414,8 @@ def main(args=None):
     print("\nSummed gradients w.r.t. the matrix at points drawn from the distribution (near the optimum), relative "
           "errors, medians over seeds:\n")
     summed_table(args.quick, args.summed_seeds)
+    print()
+    print(accuracy_small.table())
 
 
 if __name__ == "__main__":

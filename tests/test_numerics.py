@@ -138,3 +138,16 @@ def test_summed_precision_gradient_near_the_optimum(d):
     errors = accuracy.measure_summed(torch.float32, "precision_matrix", case)
     for path, (ours, theirs) in errors.items():
         assert ours <= max(theirs, FLOOR_ULPS * torch.finfo(torch.float32).eps), (path, ours, theirs)
+
+
+@pytest.mark.parametrize("dtype, condition", [(torch.float32, 1e3), (torch.float64, 1e8)], ids=["float32", "float64"])
+@pytest.mark.parametrize("d", [2, 3])
+def test_many_small_gaussians_as_accurate_as_torch(d, dtype, condition):
+    """The elementwise factors of many small members (benchmarks/accuracy_small.py, which the accuracy table runs at
+    more members and seeds): each quantity's worst member within FACTOR times torch's error, or a few ulps."""
+    small = accuracy.accuracy_small
+    members = 1024 * d  # enough to take the elementwise factors
+    floor = FLOOR_ULPS * torch.finfo(dtype).eps
+    for seed in range(2):
+        for quantity, (ours, theirs) in small.measure(members, d, condition, dtype, seed).items():
+            assert ours <= max(FACTOR * theirs, floor), (quantity, seed, ours, theirs)
