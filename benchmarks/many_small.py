@@ -29,11 +29,17 @@ Cholesky factorizations takes seconds per call, and about 5 GB at d = 8).
 """
 
 import math
+import os
+import sys
 
 import torch
 from torch.distributions import MultivariateNormal
 
 from torch_mvn_ext import JacobianMVN
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # the sibling module, also when imported by path
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+from calls import lpg_callables  # noqa: E402
 
 LOG_2PI = math.log(2 * math.pi)
 CASES = ("many_small_log_prob", "many_small_rsample", "many_small_lpg")
@@ -204,10 +210,6 @@ def _batch(inp):
     return make_inputs(d, b, inp["x"].dtype, inp["x"].device)
 
 
-def _leaf(t):
-    return t.detach().requires_grad_()
-
-
 def case_log_prob(inp, args):
     loc, cov, x = _batch(inp)
 
@@ -244,28 +246,7 @@ def case_rsample(inp, args):
 
 def case_lpg(inp, args):
     loc, cov, x = _batch(inp)
-
-    def ours(validate):
-        return lambda: JacobianMVN(loc, covariance_matrix=cov, validate_args=validate).log_prob_and_grads(
-            x, reduction="sum"
-        )
-
-    def torch_fwd_bwd(validate):
-        def run():
-            xs, ls, cs = _leaf(x), _leaf(loc), _leaf(cov)
-            lp = MultivariateNormal(ls, covariance_matrix=cs, validate_args=validate).log_prob(xs)
-            gx, gl, gc = torch.autograd.grad(lp.sum(), (xs, ls, cs))
-            return lp, {"value": gx, "loc": gl, "covariance_matrix": gc}
-
-        return run
-
-    return {
-        "ours": ours(None),
-        "torch": torch_fwd_bwd(None),
-        "ours_noval": ours(False),
-        "torch_noval": torch_fwd_bwd(False),
-        "floor": lambda: floor_lpg(loc, cov, x),
-    }, {"torch": "ours", "torch_noval": "ours_noval"}
+    return lpg_callables(loc, cov, x, lambda: floor_lpg(loc, cov, x))
 
 
 CASE_FUNCTIONS = {

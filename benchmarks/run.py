@@ -92,6 +92,8 @@ from torch_mvn_ext._factor import cpuinfo
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 import many_small  # noqa: E402
+from calls import leaf as _leaf  # noqa: E402
+from calls import lpg_callables  # noqa: E402
 from solve_routes import ROUTES, set_solve_route  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -161,10 +163,6 @@ def make_inputs(d, n, dtype, device="cpu", seed=0):
     loc = torch.randn(d, generator=g, dtype=torch.float64)
     x = loc + torch.randn(n, d, generator=g, dtype=torch.float64) @ tril.mT
     return {k: v.to(device=device, dtype=dtype) for k, v in dict(loc=loc, cov=cov, tril=tril, prec=prec, x=x).items()}
-
-
-def _leaf(t):
-    return t.detach().requires_grad_()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,29 +247,7 @@ def floor_autograd_tril(loc, tril, x):
 
 def case_lpg(inp, args):
     loc, cov, x = inp["loc"], inp["cov"], inp["x"]
-
-    def ours(validate):
-        return lambda: JacobianMVN(loc, covariance_matrix=cov, validate_args=validate).log_prob_and_grads(
-            x, reduction="sum"
-        )
-
-    def torch_fwd_bwd(validate):
-        def run():
-            xs, ls, cs = _leaf(x), _leaf(loc), _leaf(cov)
-            lp = MultivariateNormal(ls, covariance_matrix=cs, validate_args=validate).log_prob(xs)
-            gx, gl, gc = torch.autograd.grad(lp.sum(), (xs, ls, cs))
-            return lp, {"value": gx, "loc": gl, "covariance_matrix": gc}
-
-        return run
-
-    # ``validate_args=None`` is the default: torch validates unless told not to.
-    return {
-        "ours": ours(None),
-        "torch": torch_fwd_bwd(None),
-        "ours_noval": ours(False),
-        "torch_noval": torch_fwd_bwd(False),
-        "floor": lambda: floor_lpg(loc, cov, x),
-    }, {"torch": "ours", "torch_noval": "ours_noval"}
+    return lpg_callables(loc, cov, x, lambda: floor_lpg(loc, cov, x))
 
 
 def _vmap_grad(inp, wrt):
