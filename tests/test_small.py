@@ -169,3 +169,22 @@ def test_matches_the_general_path(monkeypatch, assert_close):
     assert_close(elementwise_out[0], general_out[0])
     for k in WRT:
         assert_close(elementwise_out[1][k], general_out[1][k])
+
+
+@pytest.mark.parametrize("under_no_grad", ["marginal", "kl"])
+def test_a_no_grad_call_first_keeps_the_gradient(under_no_grad, assert_close):
+    """The factor's matrix is assembled on demand: asked for first under torch.no_grad() (a marginal, a KL), it must
+    not cut the later gradients of log_prob off from the covariance."""
+    loc, cov, x = _case("covariance_matrix", 2, SHAPES[0])
+    grads = []
+    for cls in (JacobianMVN, MultivariateNormal):
+        c = cov.clone().requires_grad_()
+        d = cls(loc, c)
+        with torch.no_grad():
+            if under_no_grad == "marginal" and cls is JacobianMVN:
+                d.marginal([0])
+            elif under_no_grad == "kl":
+                torch.distributions.kl_divergence(d, MultivariateNormal(loc, cov))
+        (grad_c,) = torch.autograd.grad(d.log_prob(x.clone().requires_grad_()).sum(), c)
+        grads.append(grad_c)
+    assert_close(*grads)

@@ -155,10 +155,15 @@ class _Elementwise(TriangularFactor):
 
     @property
     def tensor(self) -> Tensor:
-        if self._tensor is None:
-            assert self._raw is not None
-            self._tensor = _matrix(self._raw, self._shape[-1], symmetric=False)
-        return self._tensor
+        if self._tensor is not None:
+            return self._tensor
+        assert self._raw is not None
+        tensor = _matrix(self._raw, self._shape[-1], symmetric=False)
+        # Kept only with its graph: assembled under torch.no_grad() (a marginal, a KL) it would cut every later
+        # gradient off from the entries, which still carry it.
+        if torch.is_grad_enabled() or not self._raw[0, 0].requires_grad:
+            self._tensor = tensor
+        return tensor
 
     @tensor.setter
     def tensor(self, value: Tensor) -> None:
@@ -174,7 +179,7 @@ class _Elementwise(TriangularFactor):
 
     @property
     def requires_grad(self) -> bool:
-        return self._tensor.requires_grad if self._tensor is not None else self._raw[0, 0].requires_grad  # type: ignore
+        return self._raw[0, 0].requires_grad if self._raw is not None else self.tensor.requires_grad
 
     @property
     def entries(self) -> dict[tuple[int, int], Tensor]:
