@@ -161,7 +161,7 @@ class TriangularFactor:
     def _trace_over_diagonal(self, tangent: Tensor) -> Tensor:
         return (tangent.diagonal(dim1=-2, dim2=-1) / self.diagonal()).sum(-1).unsqueeze(-1)
 
-    # The four primitives every operation above is written with; the elementwise factors of small event sizes
+    # The primitives every operation above is written with; the elementwise factors of small event sizes
     # (:mod:`torch_mvn_ext._small`) replace them, and nothing else.
 
     def mul_t(self, x: Tensor) -> Tensor:

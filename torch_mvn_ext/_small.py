@@ -13,7 +13,7 @@ columns into row-major order is the slowest copy there is).
 
 :func:`factor_of` chooses: the elementwise factors for ``d <= MAX_D`` and at least ``MIN_MEMBERS_PER_D * d``
 members, the general ones (:mod:`torch_mvn_ext._factor`) otherwise; the thresholds are measured (see below). Both give
-the same numbers, the same errors and the same gradients; only the four primitives of
+the same numbers, the same errors and the same gradients; only the primitives of
 :class:`~torch_mvn_ext._factor.TriangularFactor` (products, solves, sums of outer products) and the inverse differ.
 """
 
