@@ -7,7 +7,7 @@ from helpers import PARAMETRIZATIONS, matrix_for, random_spd
 from torch.distributions import MultivariateNormal
 from torch.func import grad, hessian, jacfwd, jacrev, vmap
 
-from torch_mvn_ext import JacobianMVN, _factor
+from torch_mvn_ext import JacobianMVN, _factor, _sums
 
 D = 3
 PROJECT = {
@@ -320,11 +320,11 @@ SUMMED_SHAPES = {
 @pytest.mark.parametrize("shapes", list(SUMMED_SHAPES.values()), ids=list(SUMMED_SHAPES))
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_sums_over_many_samples_match_torch(monkeypatch, parametrization, shapes, assert_close):
-    """Sums over many samples run as one GEMM and then in centered chunks (``_factor.centered_outer_sum``); forced
+    """Sums over many samples run as one GEMM and then in centered chunks (``_sums.centered_outer_sum``); forced
     here at a few points: first- and second-order autograd with a non-uniform upstream gradient, and the
     closed-form summed gradients, equal torch's."""
-    monkeypatch.setattr(_factor, "_SUM_CHUNK", 3)
-    monkeypatch.setattr(_factor, "_CHUNKED_FROM", 6)
+    monkeypatch.setattr(_sums, "_SUM_CHUNK", 3)
+    monkeypatch.setattr(_sums, "_CHUNKED_FROM", 6)
     loc_shape, mat_batch, x_shape = shapes
     x, loc, m = inputs(parametrization, loc_shape, mat_batch, x_shape)
     w = torch.randn(torch.broadcast_shapes(x_shape[:-1], loc_shape[:-1], mat_batch), dtype=torch.float64)

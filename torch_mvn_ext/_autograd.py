@@ -15,7 +15,7 @@ and for a precision factor :math:`T = L^{-1}` (:math:`P = T^\top T`),
 :math:`\Sigma` itself, :math:`\bar\Sigma = \frac12\big(\sum_s g_s \alpha_s \alpha_s^\top - (\sum_s g_s)\,\Sigma^{-1}\big)`
 (symmetric, as torch's autograd through the Cholesky factorization gives it), and skips the backward of the
 Cholesky factorization. The sums over samples sharing a factor are GEMMs, centered by the constant term
-(:func:`~torch_mvn_ext._factor.centered_outer_sum`). The backward is written with
+(:func:`~torch_mvn_ext._sums.centered_outer_sum`). The backward is written with
 differentiable operations, so double backward works; ``jvp`` and the generated vmap rule make ``torch.func``
 transforms work.
 """
@@ -29,12 +29,13 @@ from torch import Tensor
 
 from ._checks import _transforms_active
 from ._derivatives import Residual
-from ._factor import KINDS, TriangularFactor, centered_outer_sum
+from ._factor import KINDS, TriangularFactor
+from ._sums import centered_outer_sum
 
 
 def _covariance_gradient(res: Residual, weights: Tensor, weighted_alpha: Tensor) -> Tensor:
     r""":math:`\frac12\sum_s g_s (\alpha_s \alpha_s^\top - \Sigma^{-1})` for each factor member, summed by
-    :func:`~torch_mvn_ext._factor.centered_outer_sum` (near the optimum the two terms nearly cancel), symmetrized (the
+    :func:`~torch_mvn_ext._sums.centered_outer_sum` (near the optimum the two terms nearly cancel), symmetrized (the
     GEMM's two triangles round differently)."""
     sigma_inverse = res.flat(res.sigma_inverse())
     centered = centered_outer_sum(

@@ -11,7 +11,7 @@ w.r.t. each coordinate is a sample-dependent outer product :math:`u v^\top` and 
 
 (torch autograd through :class:`torch.distributions.MultivariateNormal` gives the same.) Per-sample results are
 written in one pass over their ``S + (d, d)`` output; sums over samples are GEMMs per factor member, centered by
-the constant term (:func:`~torch_mvn_ext._factor.centered_outer_sum`).
+the constant term (:func:`~torch_mvn_ext._sums.centered_outer_sum`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 
 from ._checks import check_allocation, check_out, differentiated
-from ._factor import TriangularFactor, centered_outer_sum
+from ._factor import TriangularFactor
 from ._shapes import Grouping, sum_to, vech, vech_indices, vech_weights
+from ._sums import centered_outer_sum
 
 # Above this many output elements, vech results are gathered in chunks, so that the temporaries stay a fraction of
 # the output.
@@ -282,7 +283,7 @@ def _per_sample_vech(u: Tensor, v: Tensor, name: str, constant: Tensor, out: Ten
 def summed_matrix(res: Residual, name: str, layout: str, constant: Tensor, batch_shape: torch.Size) -> Tensor:
     r"""The gradient of :math:`\sum_s \log p(x_s)` w.r.t. the matrix ``name`` of batch shape ``batch_shape``: the
     per-sample derivatives summed over the samples that share one of its members, by
-    :func:`~torch_mvn_ext._factor.centered_outer_sum` (GEMMs over chunks of samples, each centered by its share of
+    :func:`~torch_mvn_ext._sums.centered_outer_sum` (GEMMs over chunks of samples, each centered by its share of
     the constant term, which the sum of outer products nearly cancels near the optimum)."""
     if name == "covariance_matrix":  # 1/2 sum_s (alpha alpha^T - Sigma^{-1})
         u, v, scale = res.alpha, res.alpha, -0.5
