@@ -124,9 +124,9 @@ class LogProb(torch.autograd.Function):
         # Function.apply first binds the arguments to forward's signature with inspect (tens of microseconds a
         # call, which count when log_prob scores a few points in every HMC step); forward's arguments are all
         # positional without defaults, so that binding is the identity, and the eager path goes straight to the
-        # C++ apply, as Function.apply itself does after binding. Traced and transformed calls keep Function.apply.
-        traced = torch.compiler.is_compiling() or _transforms_active()
-        if traced or _unwrap_dead_wrappers is None:
+        # C++ apply, as Function.apply itself does after binding. Calls under torch.func transforms keep
+        # Function.apply (compiled code never gets here: log_prob is plain operations there).
+        if _transforms_active() or _unwrap_dead_wrappers is None:
             return super().apply(*args)
         return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))  # type: ignore[misc]
 

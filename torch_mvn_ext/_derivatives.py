@@ -222,7 +222,10 @@ def per_sample_matrix(res: Residual, name: str, layout: str, constant: Tensor, o
     ``"covariance_matrix"``, ``"precision_matrix"`` and ``"scale_tril"``. Written into ``out`` when given.
     """
     u, v = res.outer_factors(name)
-    u, v = res.full(u), res.full(v)
+    # Row-major operands whatever layout the solve route left (a right solve leaves z and alpha column-major): a
+    # broadcast product of column-major operands falls off the vectorized path (measured on an AMD EPYC, float32,
+    # d = 64, N = 1024: 20x slower), and the copies cost a d-th of the output's writes.
+    u, v = res.full(u).contiguous(), res.full(v).contiguous()
     if out is None and (differentiated(u) or differentiated(v) or differentiated(constant)):
         # Differentiable (by autograd, forward-mode AD or a torch.func transform) or batched by torch.func:
         # out-of-place, as they need; the in-place passes below are for plain tensors.
@@ -232,10 +235,6 @@ def per_sample_matrix(res: Residual, name: str, layout: str, constant: Tensor, o
         else:
             full = 0.5 * (outer - constant if name == "covariance_matrix" else outer + constant)
         return vech(full, symmetric=name != "scale_tril") if layout == "vech" else full
-    # Row-major operands whatever layout the solve route left (a right solve leaves z and alpha column-major): a
-    # broadcast product of column-major operands falls off the vectorized path (measured on an AMD EPYC, float32,
-    # d = 64, N = 1024: 20x slower), and the copies cost a d-th of the output's writes.
-    u, v = u.contiguous(), v.contiguous()
     if layout == "vech":
         return _per_sample_vech(u, v, name, constant, out)
     if out is None:

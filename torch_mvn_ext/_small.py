@@ -50,11 +50,6 @@ def use_elementwise(matrix: Tensor) -> bool:
     return members >= MIN_MEMBERS_PER_D * d and not torch.compiler.is_compiling() and not _transforms_active()
 
 
-def structure_of_arrays(matrix: Tensor) -> Tensor:
-    """``matrix`` (shape ``B + (d, d)``) as a view of the same shape whose entry ``(i, j)`` is contiguous over ``B``."""
-    return matrix.movedim((-2, -1), (0, 1)).contiguous().movedim((0, 1), (-2, -1))
-
-
 def elementwise_cholesky(matrix: Tensor, name: str) -> dict[tuple[int, int], Tensor] | Tensor:
     r"""The lower Cholesky factor of each member (reading the lower triangle, as ``torch.linalg.cholesky``), column by
     column: :math:`L_{jj} = \sqrt{A_{jj} - \sum_{k<j} L_{jk}^2}`, :math:`L_{ij} = (A_{ij} - \sum_{k<j} L_{ik} L_{jk})
@@ -94,11 +89,16 @@ def _columns(columns: list[Tensor]) -> Tensor:
     return torch.stack(columns, 0).movedim(0, -1)
 
 
-def _matrix(entries: dict[tuple[int, int], Tensor], d: int, symmetric: bool) -> Tensor:
-    """The ``B + (d, d)`` matrix, structure-of-arrays, of the lower-triangular ``entries`` (``(i, j)``, ``j <= i``),
-    mirrored where ``symmetric``, zero above the diagonal otherwise: one concatenation."""
-    zero = next(iter(entries.values())).new_zeros(()).expand_as(entries[0, 0])
-    full = [entries[max(i, j), min(i, j)] if symmetric or j <= i else zero for i in range(d) for j in range(d)]
+def _matrix(
+    entries: dict[tuple[int, int], Tensor], d: int, symmetric: bool = False, row_major: bool = False
+) -> Tensor:
+    """The ``B + (d, d)`` matrix of ``entries`` (``(i, j)`` -> a tensor of shape ``B``): an entry not given is its
+    mirror where ``symmetric``, else zero. One concatenation, structure-of-arrays (entry ``(i, j)`` contiguous over the
+    batch), or ``row_major`` for results that go to users."""
+    zero = entries[0, 0].new_zeros(()).expand_as(entries[0, 0])
+    full = [entries.get((i, j), entries[j, i] if symmetric and j > i else zero) for i in range(d) for j in range(d)]
+    if row_major:
+        return torch.stack(full, -1).unflatten(-1, (d, d))
     return torch.stack(full).unflatten(0, (d, d)).movedim((0, 1), (-2, -1))
 
 
@@ -158,7 +158,7 @@ class _Elementwise(TriangularFactor):
         if self._tensor is not None:
             return self._tensor
         assert self._raw is not None
-        tensor = _matrix(self._raw, self._shape[-1], symmetric=False)
+        tensor = _matrix(self._raw, self.size)
         # Kept only with its graph: assembled under torch.no_grad() (a marginal, a KL) it would cut every later
         # gradient off from the entries, which still carry it.
         if torch.is_grad_enabled() or not self._raw[0, 0].requires_grad:
@@ -254,23 +254,20 @@ class _Elementwise(TriangularFactor):
                 for s in range(1, c):
                     acc = torch.addcmul(acc, u[..., s, i], v[..., s, j])
                 entries[i, j] = acc
-        if symmetric:
-            out = _matrix(entries, d, symmetric=True)
-        else:
-            out = torch.stack([entries[i, j] for i in range(d) for j in range(d)]).unflatten(0, (d, d))
-            out = out.movedim((0, 1), (-2, -1))
+        out = _matrix(entries, d, symmetric)
         if alpha != 1.0:
             out = out * alpha
         return out if base is None else torch.add(out, base, alpha=beta)
 
     def inverse(self) -> Tensor:
-        d = self.size
-        return _matrix({k: v.squeeze(-1) for k, v in _tril_inverse(self.entries, d).items()}, d, symmetric=False)
+        return self._assemble(_tril_inverse(self.entries, self.size))
 
     def _gram_of_inverse(self) -> Tensor:
-        d = self.size
-        gram = _gram(_tril_inverse(self.entries, d), d)
-        return _matrix({k: v.squeeze(-1) for k, v in gram.items()}, d, symmetric=True)
+        return self._assemble(_gram(_tril_inverse(self.entries, self.size), self.size), symmetric=True)
+
+    def _assemble(self, entries: dict[tuple[int, int], Tensor], symmetric: bool = False) -> Tensor:
+        """:func:`_matrix` of entries computed from :attr:`entries` (shaped ``B + (1,)``)."""
+        return _matrix({k: v.squeeze(-1) for k, v in entries.items()}, self.size, symmetric)
 
 
 class ElementwiseCholesky(_Elementwise, CholeskyFactor):
@@ -278,10 +275,7 @@ class ElementwiseCholesky(_Elementwise, CholeskyFactor):
 
     def scale_tril(self) -> Tensor:
         if self._raw is not None:  # row-major for users, as torch's, in one interleaving copy
-            d = self._shape[-1]
-            zero = self._raw[0, 0].new_zeros(()).expand(self.batch_shape)
-            rows = [self._raw[i, j] if j <= i else zero for i in range(d) for j in range(d)]
-            return torch.stack(rows, -1).unflatten(-1, (d, d))
+            return _matrix(self._raw, self.size, row_major=True)
         return self.tensor  # a factor given as a tensor (from_distribution) is the caller's
 
     def precision_matrix(self) -> Tensor:
@@ -302,8 +296,7 @@ class ElementwisePrecision(_Elementwise, PrecisionFactor):
         return self.inverse().contiguous()
 
     def precision_matrix(self) -> Tensor:
-        d = self.size
-        return _matrix({k: v.squeeze(-1) for k, v in _gram(self.entries, d).items()}, d, symmetric=True)
+        return self._assemble(_gram(self.entries, self.size), symmetric=True)
 
 
 KINDS.update(
@@ -330,9 +323,12 @@ def factor_of(name: str, matrix: Tensor) -> TriangularFactor:
         return ElementwiseScaleTril(matrix)
     # P = T^T T with T lower: the Cholesky factor of P with rows and columns reversed (PrecisionFactor.of).
     flipped = elementwise_cholesky(matrix.flip((-2, -1)), name)
-    if not isinstance(flipped, Tensor):
-        flipped = _matrix(flipped, matrix.shape[-1], symmetric=False)
-    return ElementwisePrecision(structure_of_arrays(flipped.flip((-2, -1)).mT))
+    if isinstance(flipped, Tensor):  # torch's result (NaN entries)
+        return ElementwisePrecision(flipped.flip((-2, -1)).mT)
+    # T = J L' ^T J with J the reversal: T_ij = L'_{d-1-j, d-1-i}, no copy
+    d = matrix.shape[-1]
+    reverse = list(range(d))[::-1]  # Python ints (under torch.jit.trace shapes are tensors)
+    return ElementwisePrecision({(i, j): flipped[reverse[j], reverse[i]] for i in range(d) for j in range(i + 1)})
 
 
 _ELEMENTWISE: dict[str, type[TriangularFactor]] = {
