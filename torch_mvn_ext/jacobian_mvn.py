@@ -1,9 +1,10 @@
 r"""The distribution: :class:`JacobianMVN`, torch's ``MultivariateNormal`` with closed-form derivatives.
 
-The class reads like torch's ``MultivariateNormal``; the derivative methods at its end delegate to the private module
-that holds their math: ``_factor`` (the triangular factor), ``_derivatives`` (Jacobians and summed gradients),
-``_autograd`` (``log_prob``'s backward), ``_information`` (Fisher information, natural gradients) and
-``_conditioning`` (marginals and conditionals); ``_checks`` holds the argument checks.
+The class reads like torch's ``MultivariateNormal``. It holds one :class:`~torch_mvn_ext._dense.DenseGaussian`, the
+structure that owns ``loc``, the matrix argument, its triangular factor and every matrix derived from it, and
+delegates to it: ``_derivatives`` writes the Jacobians and summed gradients from the structure's terms,
+``_information`` and ``_conditioning`` the information geometry and Gaussian algebra; ``_checks`` holds the argument
+checks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor
 from torch.distributions import constraints
 from torch.distributions.utils import lazy_property
 
-from . import _autograd, _conditioning, _information
+from . import _derivatives, _information
 from ._checks import (
     LAYOUTS,
     PARAMETRIZATIONS,
@@ -33,10 +34,9 @@ from ._checks import (
     quiet_under_jit_trace,
     validate_parameter,
 )
-from ._derivatives import Residual, check_outs, per_sample, summed_matrix, summed_value
-from ._factor import TriangularFactor, factor_of_distribution
-from ._shapes import broadcast_shapes, event_dims, format_shape, sum_to
-from ._small import adopt, factor_of
+from ._dense import DenseGaussian
+from ._derivatives import Outputs
+from ._shapes import broadcast_shapes, event_dims, format_shape
 
 try:  # torch's private sampler of its MVN: torch.randn, or normal_ on a fresh tensor under torch.jit.trace
     from torch.distributions.utils import _standard_normal
@@ -48,28 +48,7 @@ except ImportError:  # another torch layout: the public equivalent
 
 __all__ = ["JacobianMVN"]
 
-Outputs = Union[Tensor, dict[str, Tensor]]
 _size = Union[torch.Size, list[int], tuple[int, ...]]
-
-
-class _cached:
-    """A private cache on the instance, computed on first use: torch's ``lazy_property`` (results with their graph
-    even when first asked for under ``torch.no_grad()``), without entering ``enable_grad`` where grad is enabled."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-        self.name = fn.__name__
-
-    def __get__(self, instance: Any, owner: Any = None) -> Any:
-        if instance is None:
-            return self
-        if torch.is_grad_enabled():
-            value = self.fn(instance)
-        else:
-            with torch.enable_grad():
-                value = self.fn(instance)
-        setattr(instance, self.name, value)  # shadows this (non-data) descriptor from now on
-        return value
 
 
 class JacobianMVN(pyro.distributions.MultivariateNormal):
@@ -129,23 +108,19 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
                 validate_parameter(name, matrix, constraints.lower_cholesky)
             elif not all_equal(matrix, matrix.mT):  # exactly symmetric, the usual case: no tolerance check
                 validate_parameter(name, matrix, constraints.symmetric)
-        self._setup(loc, name, matrix, factor_of(name, matrix), bool(validate_args), batch_shape)
+        self._setup(DenseGaussian.of(loc, name, matrix), bool(validate_args), batch_shape)
 
-    def _setup(
-        self, loc: Tensor, name: str, matrix: Tensor, factor: TriangularFactor, validate_args: bool, batch_shape: Any
-    ) -> None:
-        """The state every constructor leaves: torch's attributes (``loc`` and the given matrix as views of the
-        batch shape) and the unbroadcast tensors the methods compute with."""
+    def _setup(self, state: DenseGaussian, validate_args: bool, batch_shape: Any) -> None:
+        """What every constructor leaves: the structure, and torch's attributes (``loc`` and the given matrix as
+        views of the batch shape)."""
+        loc, matrix = state.loc, state.matrix
         event_shape = loc.shape[-1:]
         # What torch's Distribution.__init__ sets, with its checks done above: the rest of its MRO sets nothing.
         self._batch_shape, self._event_shape, self._validate_args = batch_shape, event_shape, validate_args
         self.loc = loc if loc.shape[:-1] == batch_shape else loc.expand(batch_shape + event_shape)
         full = matrix if matrix.shape[:-2] == batch_shape else matrix.expand(batch_shape + matrix.shape[-2:])
-        setattr(self, name, full)  # lazy_property has no setter: the instance's own attribute, as torch sets it
-        self._parametrization = name
-        self._unbroadcasted_loc = loc
-        self._unbroadcasted_matrix = matrix
-        self._factor = factor
+        setattr(self, state.parametrization, full)  # lazy_property has no setter: the instance's own, as torch sets
+        self._state = state
 
     @classmethod
     def from_distribution(cls, mvn: torch.distributions.MultivariateNormal) -> JacobianMVN:
@@ -171,13 +146,9 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         Returns:
             JacobianMVN: with the source's ``batch_shape``, ``event_shape``, parametrization and numbers.
         """
-        name, loc, matrix, factor = factor_of_distribution(mvn)
-        factor = adopt(factor)
+        state = DenseGaussian.of_distribution(mvn)
         new = cls.__new__(cls)
-        batch_shape = broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
-        new._setup(loc, name, matrix, factor, bool(mvn._validate_args), batch_shape)
-        if name == "precision_matrix" and "_unbroadcasted_scale_tril" in mvn.__dict__:
-            new._unbroadcasted_scale_tril = mvn.__dict__["_unbroadcasted_scale_tril"]
+        new._setup(state, bool(mvn._validate_args), broadcast_shapes(state.loc.shape[:-1], state.matrix.shape[:-2]))
         return new if new.batch_shape == mvn.batch_shape else new.expand(mvn.batch_shape)
 
     @quiet_under_jit_trace
@@ -205,13 +176,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         for name in PARAMETRIZATIONS:
             if name in self.__dict__:
                 setattr(new, name, self.__dict__[name].expand(batch_shape + self.event_shape + self.event_shape))
-        for name in _CACHED:
-            if name in self.__dict__:
-                setattr(new, name, self.__dict__[name])
-        new._parametrization = self._parametrization
-        new._unbroadcasted_loc = self._unbroadcasted_loc
-        new._unbroadcasted_matrix = self._unbroadcasted_matrix
-        new._factor = self._factor
+        new._state = self._state
         new._batch_shape, new._event_shape, new._validate_args = batch_shape, self._event_shape, self._validate_args
         return new
 
@@ -219,36 +184,27 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
     def parametrization(self) -> str:
         """The matrix argument the distribution was built with: ``"covariance_matrix"``,
         ``"precision_matrix"`` or ``"scale_tril"``."""
-        return self._parametrization
+        return self._state.parametrization
 
-    # Every derived matrix comes from the factor, the one state computed at construction, as torch's MVN derives its
-    # own from its scale_tril: an in-place change to the caller's matrix afterwards changes none of the methods'
-    # answers (only the caller's own tensor, which torch's MVN also keeps as its attribute), and an unvalidated matrix
-    # that is not symmetric means, throughout, the matrix its factorization read.
+    # Every derived matrix comes from the structure (see DenseGaussian): an in-place change to the caller's matrix
+    # afterwards changes none of the methods' answers (only the caller's own tensor, which torch's MVN also keeps as
+    # its attribute).
 
-    @_cached
-    def _unbroadcasted_scale_tril(self) -> Tensor:
-        return self._factor.scale_tril()
-
-    @_cached
-    def _unbroadcasted_sigma(self) -> Tensor:
-        return self._factor.covariance_matrix()
-
-    @_cached
-    def _unbroadcasted_sigma_inverse(self) -> Tensor:
-        return self._factor.precision_matrix()
+    @property
+    def _unbroadcasted_scale_tril(self) -> Tensor:  # what torch's MVN holds, and code that dispatches on it reads
+        return self._state.scale_tril
 
     @lazy_property
     def scale_tril(self) -> Tensor:
-        return self._unbroadcasted_scale_tril.expand(self._batch_shape + self._event_shape + self._event_shape)
+        return self._state.scale_tril.expand(self._batch_shape + self._event_shape + self._event_shape)
 
     @lazy_property
     def covariance_matrix(self) -> Tensor:
-        return self._unbroadcasted_sigma.expand(self._batch_shape + self._event_shape + self._event_shape)
+        return self._state.covariance_matrix.expand(self._batch_shape + self._event_shape + self._event_shape)
 
     @lazy_property
     def precision_matrix(self) -> Tensor:
-        return self._unbroadcasted_sigma_inverse.expand(self._batch_shape + self._event_shape + self._event_shape)
+        return self._state.precision_matrix.expand(self._batch_shape + self._event_shape + self._event_shape)
 
     @property
     def mean(self) -> Tensor:
@@ -260,15 +216,13 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
 
     @property
     def variance(self) -> Tensor:
-        return self._factor.variance().expand(self._batch_shape + self._event_shape)
+        return self._state.variance().expand(self._batch_shape + self._event_shape)
 
     @quiet_under_jit_trace
     def rsample(self, sample_shape: _size = torch.Size()) -> Tensor:
         shape = self._extended_shape(sample_shape)
         eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
-        noise = Residual(eps, self._factor)
-        # contiguous: a float32 triangular solve from the right (_factor._solve_rows) leaves its result column-major
-        return (self.loc + noise.full(noise.factor.color(noise.r))).contiguous()
+        return self.loc + self._state.color(eps)
 
     @quiet_under_jit_trace
     def log_prob(self, value: Tensor) -> Tensor:
@@ -284,13 +238,11 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         the error carries torch's "Expected value argument ... to be within the support" wording. A ``value`` of
         another floating dtype is converted to the distribution's.
         """
-        value = check_value(self, value)
-        covariance = self._unbroadcasted_matrix if self._parametrization == "covariance_matrix" else None
-        return _autograd.log_prob(value - self.loc, self._factor, covariance)
+        return self._state.log_prob(check_value(self, value) - self.loc)
 
     @quiet_under_jit_trace
     def entropy(self) -> Tensor:
-        return self._factor.entropy().expand(self._batch_shape)
+        return self._state.entropy().expand(self._batch_shape)
 
     # ----------------------------------------------------------------------------------------------
     # Derivatives, information geometry and Gaussian algebra.
@@ -352,10 +304,8 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         """
         names = check_wrt(wrt)
         check_choice("layout", layout, LAYOUTS)
-        res = self._residual(value)
-        outs = check_outs(out, wrt, names, res, layout, self._inputs(value))
-        result = {name: per_sample(res, name, layout, self._constant_term, outs.get(name)) for name in names}
-        return result if not isinstance(wrt, str) else result[wrt]
+        r = check_value(self, value) - self.loc
+        return _derivatives.jacobian(self._state, value, r, wrt, names, layout, out)
 
     @quiet_under_jit_trace
     def log_prob_and_grads(
@@ -386,28 +336,11 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         Returns:
             tuple: ``(log_prob, grads)``, ``log_prob`` of shape ``S`` and ``grads`` a dict keyed by ``wrt``.
         """
-        if wrt is None:
-            wrt = ("value", "loc", self._parametrization)
-        names = check_wrt(wrt)
+        names = check_wrt(("value", "loc", self._state.parametrization) if wrt is None else wrt)
         check_choice("layout", layout, LAYOUTS)
         check_choice("reduction", reduction, REDUCTIONS)
-        res = self._residual(value)
-        if reduction == "none":
-            outs = check_outs(out, tuple(names), names, res, layout, self._inputs(value))
-            grads = {name: per_sample(res, name, layout, self._constant_term, outs.get(name)) for name in names}
-        else:
-            if out is not None:
-                raise ValueError("out= is for reduction='none'; the summed gradients have the inputs' own shapes")
-            grads = {}
-            for name in names:
-                if name == "value":
-                    grads[name] = summed_value(res, value)
-                elif name == "loc":
-                    alpha = res.full_alpha()
-                    grads[name] = sum_to(alpha, self._unbroadcasted_loc.shape)
-                else:
-                    grads[name] = self._summed_matrix(res, name, layout)
-        return res.log_prob, grads
+        r = check_value(self, value) - self.loc
+        return _derivatives.log_prob_and_grads(self._state, r, value, names, reduction, layout, out, self._batch_shape)
 
     @quiet_under_jit_trace
     def hessian(self, value: Tensor, wrt: str = "value") -> Tensor:
@@ -427,7 +360,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         check_choice("wrt", wrt, ("value", "loc"))
         value = check_value(self, value)
         shape = broadcast_shapes(value.shape[:-1], self._batch_shape) + self._event_shape + self._event_shape
-        return (-self._unbroadcasted_sigma_inverse).expand(shape)
+        return (-self._state.precision_matrix).expand(shape)
 
     @quiet_under_jit_trace
     def fisher_information(self, wrt: str = "loc", *, layout: str = "vech") -> Tensor:
@@ -463,7 +396,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         """
         check_choice("wrt", wrt, WRT[1:])
         check_choice("layout", layout, LAYOUTS)
-        info = _information.fisher_information(self, wrt, layout)
+        info = _information.fisher_information(self._state, wrt, layout)
         return info.expand(self._batch_shape + info.shape[-2:])
 
     @quiet_under_jit_trace
@@ -499,7 +432,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         given: tuple[object, ...] = args  # arguments it does not take, for the error message
         extra: dict[str, object] = {str(i): arg for i, arg in enumerate(given, 1)}
         extra.update(kwargs)
-        return _information.natural_gradient(self, grads, extra)
+        return _information.natural_gradient(self._state, grads, extra, self._batch_shape)
 
     def marginal(self, dims: Sequence[int] | Tensor) -> JacobianMVN:
         r"""The distribution of ``x[..., dims]``: mean ``loc[..., dims]``, covariance :math:`\Sigma_{aa}` with
@@ -525,7 +458,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         a = event_dims(dims, self._event_shape[0])
         if not a:
             raise ValueError("marginal(dims) needs at least one event index; dims is empty")
-        loc, name, matrix = _conditioning.marginal(self, a)
+        loc, name, matrix = self._state.marginal(a)
         out = JacobianMVN(loc, **{name: matrix}, validate_args=self._validate_args)
         return out if out.batch_shape == self._batch_shape else out.expand(self._batch_shape)
 
@@ -568,43 +501,11 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
             check_finite("value", value)
         if not m:
             return self.expand(shape)
-        loc, name, matrix = _conditioning.condition(self, b, value.to(self.loc.dtype), shape)
+        loc, name, matrix = self._state.condition(b, value.to(self.loc.dtype), shape)
         return JacobianMVN(loc, **{name: matrix}, validate_args=self._validate_args)
-
-    # ----------------------------------------------------------------------------------------------
-    # Private helpers.
-
-    def _residual(self, value: Tensor) -> Residual:
-        # Sigma^{-1} for alpha only where the factor was itself computed (see _autograd.log_prob).
-        sigma_inverse = self._sigma_inverse_fn if self._parametrization == "covariance_matrix" else None
-        return Residual(check_value(self, value) - self.loc, self._factor, sigma_inverse)
-
-    def _inputs(self, value: Tensor) -> dict[str, Tensor]:
-        """The tensors the derivatives at ``value`` depend on, by name (the factor requires grad only where the matrix
-        it was computed from does)."""
-        return {"value": value, "loc": self._unbroadcasted_loc, self._parametrization: self._unbroadcasted_matrix}
-
-    def _sigma_inverse_fn(self) -> Tensor:
-        return self._unbroadcasted_sigma_inverse
-
-    def _constant_term(self, name: str) -> Tensor:
-        """The sample-independent term of the derivative w.r.t. the matrix ``name``, in the factor's batch shape."""
-        if name == "covariance_matrix":
-            return self._unbroadcasted_sigma_inverse
-        if name == "precision_matrix":
-            return self._unbroadcasted_sigma
-        return self._factor.inv_scale_diag()
-
-    def _summed_matrix(self, res: Residual, name: str, layout: str) -> Tensor:
-        # The gradient w.r.t. the tensor the user passed: the parametrization's own batch shape, else batch_shape.
-        batch_shape = self._unbroadcasted_matrix.shape[:-2] if name == self._parametrization else self._batch_shape
-        return summed_matrix(res, name, layout, self._constant_term(name), batch_shape)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(loc: {format_shape(self.loc.shape)}, "
-            f"{self._parametrization}: {format_shape(self.loc.shape + self._event_shape)})"
+            f"{self._state.parametrization}: {format_shape(self.loc.shape + self._event_shape)})"
         )
-
-
-_CACHED = ("_unbroadcasted_scale_tril", "_unbroadcasted_sigma", "_unbroadcasted_sigma_inverse")
