@@ -23,7 +23,9 @@ class Dense(Protocol):
     loc: Tensor
     factor: TriangularFactor
     parametrization: str
-    size: int
+
+    @property
+    def size(self) -> int: ...
 
     @property
     def covariance_matrix(self) -> Tensor: ...

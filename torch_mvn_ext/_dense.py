@@ -58,7 +58,7 @@ class DenseGaussian(GaussianState):
     throughout, the matrix its factorization read.
     """
 
-    coordinates = PARAMETRIZATIONS
+    coordinates: tuple[str, ...] = PARAMETRIZATIONS
 
     def __init__(self, loc: Tensor, parametrization: str, matrix: Tensor, factor: TriangularFactor) -> None:
         self.loc = loc
@@ -97,7 +97,8 @@ class DenseGaussian(GaussianState):
         matrix = scale_tril if name == "scale_tril" else mvn.__dict__[name]
         new = cls(mvn.loc, name, matrix, adopt(factor))
         if name == "precision_matrix":
-            new.scale_tril = scale_tril  # type: ignore[misc]  (the cache, filled)
+            # The cache, filled with what the source computed.
+            new.scale_tril = scale_tril
         return new
 
     @property

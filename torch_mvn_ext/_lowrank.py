@@ -115,7 +115,7 @@ class LowRankGaussian(GaussianState):
     r"""``loc``, ``cov_factor`` :math:`W`, ``cov_diag`` :math:`D` (unbroadcast, as the user passed them) and the
     capacitance's Cholesky factor, of their broadcast batch shape."""
 
-    coordinates = ("cov_factor", "cov_diag")
+    coordinates: tuple[str, ...] = ("cov_factor", "cov_diag")
 
     def __init__(self, loc: Tensor, cov_factor: Tensor, cov_diag: Tensor, capacitance: Tensor) -> None:
         self.loc = loc
