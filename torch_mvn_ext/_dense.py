@@ -132,10 +132,11 @@ class DenseGaussian(GaussianState):
         return self.factor.entropy()
 
     def color(self, eps: Tensor) -> Tensor:
-        r""":math:`L \epsilon` for white noise ``eps`` of shape ``S + (d,)``, row-major."""
+        r""":math:`L \epsilon` for white noise ``eps`` of shape ``S + (d,)``, in whatever layout the factor leaves it
+        (a float32 triangular solve from the right leaves it column-major, an elementwise factor column by column):
+        the caller's next operation writes it row-major."""
         rows = TriangularRows(eps, self.factor)
-        # contiguous: a float32 triangular solve from the right (_factor._solve_rows) leaves its result column-major
-        return rows.full(rows.factor.color(rows.r)).contiguous()
+        return rows.full(rows.factor.color(rows.r))
 
     def _sigma_inverse(self) -> Tensor:
         return self.precision_matrix

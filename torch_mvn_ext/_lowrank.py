@@ -3,21 +3,23 @@ r"""The low-rank Gaussian: covariance :math:`\Sigma = W W^\top + \operatorname{d
 :class:`LowRankGaussian` is the structure of :class:`~torch_mvn_ext.JacobianLowRankMVN`: ``loc``, the factor
 :math:`W` (``cov_factor``, ``B + (d, k)``), the diagonal :math:`D` (``cov_diag``, ``B + (d,)``) and the Cholesky
 factor :math:`C` of the capacitance :math:`I_k + W^\top D^{-1} W`, as torch's ``LowRankMultivariateNormal`` holds
-them. With :math:`r = x - \mu`, :math:`y = D^{-1} r`, :math:`t = W^\top y` and :math:`s = (C C^\top)^{-1} t`,
+them. With :math:`r = x - \mu`, :math:`y = D^{-1} r`, :math:`t = W^\top y`, :math:`K = (C C^\top)^{-1}` (a
+:math:`k \times k` matrix, from the factor: well conditioned, as :math:`C C^\top \succeq I`) and :math:`s = K t`,
 Woodbury's identity gives
 
 .. math::
 
-    \alpha = \Sigma^{-1} r = y - D^{-1} W s, \qquad r^\top \Sigma^{-1} r = r^\top y - \|C^{-1} t\|^2,
+    \alpha = \Sigma^{-1} r = y - D^{-1} W s, \qquad r^\top \Sigma^{-1} r = r^\top y - t^\top s,
     \qquad W^\top \alpha = s,
 
-(the last from :math:`W^\top D^{-1} W = C C^\top - I`), so that a sample costs two GEMV-sized products with
-:math:`W` and two :math:`k \times k` triangular solves: :math:`O(dk)`, and a batch member :math:`O(dk^2)`. The
-derivatives, each a :class:`~torch_mvn_ext._gaussian.Term`:
+(the last from :math:`W^\top D^{-1} W = C C^\top - I`), so that the rows cost three GEMMs with :math:`W` or
+:math:`K`, :math:`O(dk)` a point, and a batch member :math:`O(dk^2)`; a triangular solve with many right-hand sides
+is several times slower than a GEMM of the same size on CPUs, so none is taken per point. The derivatives, each a
+:class:`~torch_mvn_ext._gaussian.Term`:
 
-* ``"cov_factor"``: :math:`\alpha (\alpha^\top W) - \Sigma^{-1} W = \alpha s^\top - D^{-1} W (C C^\top)^{-1}`;
+* ``"cov_factor"``: :math:`\alpha (\alpha^\top W) - \Sigma^{-1} W = \alpha s^\top - D^{-1} W K`;
 * ``"cov_diag"``: :math:`\frac12 (\alpha \odot \alpha - \operatorname{diag}\Sigma^{-1})`, with
-  :math:`\operatorname{diag}\Sigma^{-1} = D^{-1} - \operatorname{rowsums}\big((D^{-1} W C^{-\top})^{\odot 2}\big)`.
+  :math:`\operatorname{diag}\Sigma^{-1} = D^{-1} - \operatorname{rowsums}\big((D^{-1} W K) \odot (D^{-1} W)\big)`.
 
 :class:`LogProb` is the log-density as a :class:`torch.autograd.Function` whose backward is this closed form
 (differentiable again, for double backward and ``torch.func``).
@@ -47,40 +49,48 @@ def capacitance_tril(cov_factor: Tensor, cov_diag: Tensor) -> Tensor:
     return torch.linalg.cholesky(gram + torch.eye(k, dtype=gram.dtype, device=gram.device))
 
 
-def _solve(tril: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
-    r"""The rows :math:`C^{-1} x_i` (:math:`C^{-\top} x_i` with ``transpose``) of ``x`` (shape ``(..., c, k)``)."""
-    if transpose:
-        return torch.linalg.solve_triangular(tril.mT, x.mT, upper=True).mT
-    return torch.linalg.solve_triangular(tril, x.mT, upper=False).mT
+def inverse_capacitance(capacitance: Tensor) -> Tensor:
+    r""":math:`K = (C C^\top)^{-1}` from the capacitance's Cholesky factor (by the routes of
+    :meth:`~torch_mvn_ext._factor.CholeskyFactor.precision_matrix`, whose derivative rules hold in both modes)."""
+    return CholeskyFactor(capacitance).precision_matrix()
 
 
 class LowRankRows(Rows):
-    """Residuals laid out against the structure's batch, with ``y``, ``t``, ``C^{-1} t``, ``s`` and ``alpha`` computed
-    once, on first use. Built from differentiable operations only."""
+    """Residuals laid out against the structure's batch, with ``y``, ``t``, ``s`` and ``alpha`` computed once, ``s``
+    and ``alpha`` on first use. Built from differentiable operations only."""
 
-    def __init__(self, r: Tensor, cov_factor: Tensor, cov_diag: Tensor, capacitance: Tensor) -> None:
+    def __init__(
+        self,
+        r: Tensor,
+        cov_factor: Tensor,
+        cov_diag: Tensor,
+        capacitance: Tensor,
+        inverse: Tensor | None = None,
+        s: Tensor | None = None,
+    ) -> None:
         super().__init__(r, broadcast_shapes(cov_factor.shape[:-2], cov_diag.shape[:-1]))
         self.cov_factor = self.flat(cov_factor)
         self.cov_diag = self.flat(cov_diag, 1)
         self.capacitance = self.flat(capacitance)
+        self.inverse = self.flat(inverse_capacitance(capacitance) if inverse is None else inverse)
         self.y = self.r / self.cov_diag.unsqueeze(-2)
-        self.t = self.y @ self.cov_factor
-        self._w: Tensor | None = None
-        self._s: Tensor | None = None
+        self._t: Tensor | None = None
+        self._s = s
         self._alpha: Tensor | None = None
 
     @property
-    def w(self) -> Tensor:
-        r""":math:`C^{-1} t`."""
-        if self._w is None:
-            self._w = _solve(self.capacitance, self.t)
-        return self._w
+    def t(self) -> Tensor:
+        r""":math:`t = W^\top D^{-1} r`."""
+        if self._t is None:
+            self._t = self.y @ self.cov_factor
+        return self._t
 
     @property
     def s(self) -> Tensor:
-        r""":math:`s = (C C^\top)^{-1} t = W^\top \alpha`."""
+        r""":math:`s = K t = W^\top \alpha` (``K`` symmetric: its row-major view, whichever layout it has)."""
         if self._s is None:
-            self._s = _solve(self.capacitance, self.w, transpose=True)
+            inverse = self.inverse
+            self._s = self.t @ (inverse.mT if inverse.mT.is_contiguous() else inverse)
         return self._s
 
     @property
@@ -91,24 +101,22 @@ class LowRankRows(Rows):
 
     @property
     def log_prob(self) -> Tensor:
-        w = self.w
-        maha = torch.linalg.vecdot(self.r, self.y) - torch.linalg.vecdot(w, w)
+        maha = torch.linalg.vecdot(self.r, self.y) - torch.linalg.vecdot(self.t, self.s)
         half_log_det = CholeskyFactor(self.capacitance).half_log_det() + 0.5 * self.cov_diag.log().sum(-1)
         if self.grouping is not None:
             half_log_det = half_log_det.unsqueeze(-1)
         return self.full_scalar(torch.add(-half_log_det - 0.5 * self.r.shape[-1] * _LOG_2PI, maha, alpha=-0.5))
 
 
-def _precision_times_factor(cov_factor: Tensor, cov_diag: Tensor, capacitance: Tensor) -> Tensor:
-    r""":math:`\Sigma^{-1} W = D^{-1} W (C C^\top)^{-1}`, shape ``B + (d, k)``: :math:`O(dk^2)`."""
+def _precision_times_factor(cov_factor: Tensor, cov_diag: Tensor, inverse: Tensor) -> Tensor:
+    r""":math:`\Sigma^{-1} W = D^{-1} W K`, shape ``B + (d, k)``: one GEMM, :math:`O(dk^2)`."""
+    return (cov_factor / cov_diag.unsqueeze(-1)) @ inverse
+
+
+def _precision_diagonal(cov_factor: Tensor, cov_diag: Tensor, inverse: Tensor) -> Tensor:
+    r""":math:`\operatorname{diag}\Sigma^{-1} = D^{-1} - \operatorname{rowsums}((D^{-1} W K) \odot (D^{-1} W))`."""
     scaled = cov_factor / cov_diag.unsqueeze(-1)
-    return torch.cholesky_solve(scaled.mT, capacitance).mT
-
-
-def _precision_diagonal(cov_factor: Tensor, cov_diag: Tensor, capacitance: Tensor) -> Tensor:
-    r""":math:`\operatorname{diag}\Sigma^{-1} = D^{-1} - \operatorname{rowsums}((D^{-1} W C^{-\top})^{\odot 2})`."""
-    a = _solve(capacitance, cov_factor / cov_diag.unsqueeze(-1), transpose=False)
-    return cov_diag.reciprocal() - a.pow(2).sum(-1)
+    return cov_diag.reciprocal() - ((scaled @ inverse) * scaled).sum(-1)
 
 
 class LowRankGaussian(GaussianState):
@@ -145,12 +153,19 @@ class LowRankGaussian(GaussianState):
     def inputs(self) -> dict[str, Tensor]:
         return {"loc": self.loc, "cov_factor": self.cov_factor, "cov_diag": self.cov_diag}
 
+    @property
+    def inverse(self) -> Tensor:
+        r""":math:`K = (C C^\top)^{-1}`, computed once."""
+        if "inverse" not in self._constants:
+            self._constants["inverse"] = inverse_capacitance(self.capacitance)
+        return self._constants["inverse"]
+
     def rows(self, r: Tensor) -> LowRankRows:
-        return LowRankRows(r, self.cov_factor, self.cov_diag, self.capacitance)
+        return LowRankRows(r, self.cov_factor, self.cov_diag, self.capacitance, self.inverse)
 
     def log_prob(self, r: Tensor) -> Tensor:
         if torch.is_grad_enabled() and (r.requires_grad or self.requires_grad) and not torch.compiler.is_compiling():
-            return LogProb.apply(r, self.cov_factor, self.cov_diag, self.capacitance.detach())
+            return LogProb.apply(r, self.cov_factor, self.cov_diag, self.capacitance.detach())[0]
         # Under torch.compile, plain differentiable operations (a compiled Function's backward records no graph).
         return self.rows(r).log_prob
 
@@ -158,7 +173,7 @@ class LowRankGaussian(GaussianState):
         """:math:`\\Sigma^{-1} W` or :math:`\\operatorname{diag}\\Sigma^{-1}`, computed once."""
         if name not in self._constants:
             fn = _precision_times_factor if name == "cov_factor" else _precision_diagonal
-            self._constants[name] = fn(self.cov_factor, self.cov_diag, self.capacitance)
+            self._constants[name] = fn(self.cov_factor, self.cov_diag, self.inverse)
         return self._constants[name]
 
     def term(self, rows: Rows, name: str) -> Term:
@@ -180,10 +195,11 @@ class LowRankGaussian(GaussianState):
         return CholeskyFactor(self.capacitance).half_log_det() + 0.5 * self.cov_diag.log().sum(-1)
 
     def quad(self, x: Tensor) -> Tensor:
-        r"""Woodbury: :math:`\sum_i \|D^{-1/2} x_i\|^2 - \|C^{-1} W^\top D^{-1} x_i\|^2`."""
+        r"""Woodbury: :math:`\sum_i x_i^\top y_i - t_i^\top K t_i` with :math:`y_i = D^{-1} x_i`,
+        :math:`t_i = W^\top y_i`."""
         y = x / self.cov_diag.unsqueeze(-2)
-        w = _solve(self.capacitance, y @ self.cov_factor)
-        return (x * y).sum((-2, -1)) - w.pow(2).sum((-2, -1))
+        t = y @ self.cov_factor
+        return (x * y).sum((-2, -1)) - (t * (t @ self.inverse)).sum((-2, -1))
 
     def kl_rows(self) -> Tensor:
         return self.cov_factor.mT
@@ -192,7 +208,7 @@ class LowRankGaussian(GaussianState):
         return self.cov_diag
 
     def precision_diagonal(self) -> Tensor:
-        return _precision_diagonal(self.cov_factor, self.cov_diag, self.capacitance)
+        return self._constant("cov_diag")
 
 
 class LogProb(torch.autograd.Function):
@@ -205,57 +221,63 @@ class LogProb(torch.autograd.Function):
         \qquad \bar D = \tfrac12 \sum_s g_s \big(\alpha_s^{\odot 2} - \operatorname{diag}\Sigma^{-1}\big),
 
     summed into the shapes of ``W`` and ``D`` as given. ``capacitance`` (detached) serves the first-order backward;
-    a backward that will itself be differentiated recomputes it from ``W`` and ``D``.
+    a backward that will itself be differentiated recomputes it from ``W`` and ``D``, and forward-mode AD takes the
+    inverse :math:`K` by a triangular inverse (see :func:`inverse_capacitance`).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(r: Tensor, cov_factor: Tensor, cov_diag: Tensor, capacitance: Tensor) -> Any:
-        return LowRankRows(r, cov_factor, cov_diag, capacitance).log_prob
+        rows = LowRankRows(r, cov_factor, cov_diag, capacitance)
+        return rows.log_prob, rows.s
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*inputs, output[1])
         ctx.save_for_forward(*inputs)
 
     @staticmethod
     def jvp(ctx: Any, t_r: Tensor | None, t_factor: Tensor | None, t_diag: Tensor | None, _t_c: Any) -> Any:
         r, cov_factor, cov_diag, capacitance = ctx.saved_tensors
-        rows = LowRankRows(r, cov_factor, cov_diag, capacitance)
+        inverse = inverse_capacitance(capacitance)
+        rows = LowRankRows(r, cov_factor, cov_diag, capacitance, inverse)
         out = torch.zeros(rows.r.shape[:-1], dtype=r.dtype, device=r.device)
         if t_r is not None:
             out = out - (rows.alpha * rows.group(t_r)).sum(-1)
         if t_factor is not None:
             tangent = rows.flat(t_factor.expand(rows_batch(rows, cov_factor, cov_diag) + cov_factor.shape[-2:]))
-            constant = rows.flat(_precision_times_factor(cov_factor, cov_diag, capacitance))
+            constant = rows.flat(_precision_times_factor(cov_factor, cov_diag, inverse))
             out = out + (rows.alpha * (rows.s @ tangent.mT)).sum(-1) - (constant * tangent).sum((-2, -1)).unsqueeze(-1)
         if t_diag is not None:
             tangent = rows.flat(t_diag.expand(rows_batch(rows, cov_factor, cov_diag) + cov_diag.shape[-1:]), 1)
-            diagonal = rows.flat(_precision_diagonal(cov_factor, cov_diag, capacitance), 1)
+            diagonal = rows.flat(_precision_diagonal(cov_factor, cov_diag, inverse), 1)
             out = out + 0.5 * ((rows.alpha.pow(2) * tangent.unsqueeze(-2)).sum(-1) - (diagonal * tangent).sum(-1, True))
-        return rows.full_scalar(out)
+        return rows.full_scalar(out), None
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor | None) -> Any:
+    def backward(ctx: Any, grad: Tensor | None, _grad_s: Tensor | None) -> Any:
         if grad is None:
             return None, None, None, None
-        r, cov_factor, cov_diag, capacitance = ctx.saved_tensors
+        r, cov_factor, cov_diag, capacitance, s = ctx.saved_tensors
         if torch.is_grad_enabled() or _transforms_active():
-            capacitance = capacitance_tril(cov_factor, cov_diag)  # differentiable, for double backward
-        rows = LowRankRows(r, cov_factor, cov_diag, capacitance)
+            # Differentiable, for double backward: the capacitance and s again from W and D.
+            capacitance, s = capacitance_tril(cov_factor, cov_diag), None
+        inverse = inverse_capacitance(capacitance)
+        rows = LowRankRows(r, cov_factor, cov_diag, capacitance, inverse, s)
         weights = rows.group(grad.unsqueeze(-1))
         weighted_alpha = weights * rows.alpha
         needs_r, needs_factor, needs_diag = ctx.needs_input_grad[:3]
         grad_r = rows.full(weighted_alpha).neg() if needs_r else None
         grad_factor = grad_diag = None
         if needs_factor:
-            constant = rows.flat(_precision_times_factor(cov_factor, cov_diag, capacitance))
+            constant = rows.flat(_precision_times_factor(cov_factor, cov_diag, inverse))
             summed = centered_outer_sum(weighted_alpha, rows.s, constant, weights, scale=-1.0)
             grad_factor = sum_to(rows.unflat(summed), cov_factor.shape)
         if needs_diag:
-            diagonal = rows.flat(_precision_diagonal(cov_factor, cov_diag, capacitance), 1)
+            diagonal = rows.flat(_precision_diagonal(cov_factor, cov_diag, inverse), 1)
             summed = 0.5 * (weighted_alpha * rows.alpha - weights * diagonal.unsqueeze(-2)).sum(-2)
             if rows.grouping is not None:
                 summed = summed.reshape(rows.grouping.batch_shape + summed.shape[-1:])

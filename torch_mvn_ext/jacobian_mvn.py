@@ -222,7 +222,7 @@ class JacobianMVN(InformationGeometry, pyro.distributions.MultivariateNormal):
     def rsample(self, sample_shape: _size = torch.Size()) -> Tensor:
         shape = self._extended_shape(sample_shape)
         eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
-        return self.loc + self._state.color(eps)
+        return (self.loc + self._state.color(eps)).contiguous()
 
     @quiet_under_jit_trace
     def log_prob(self, value: Tensor) -> Tensor:
