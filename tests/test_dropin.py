@@ -17,7 +17,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from helpers import PARAMETRIZATIONS, WRT, matrix_for, random_spd
+from helpers import DENSE, PARAMETRIZATIONS, WRT, matrix_for, random_spd
 from pyro.contrib.forecast import Forecaster, ForecastingModel
 from pyro.distributions.hmm import GammaGaussianHMM, GaussianHMM, LinearHMM
 from pyro.ops.gaussian import mvn_to_gaussian
@@ -26,7 +26,6 @@ from torch.distributions import MultivariateNormal
 from torch_mvn_ext import JacobianMVN
 
 D = 3
-MATRIX_WRT = PARAMETRIZATIONS
 
 
 def _vech_size(d):
@@ -172,11 +171,8 @@ def test_from_distribution_matches_source(source, parametrization, assert_close)
     loc_d, m_d = loc.detach(), m.detach()[0]
     x1 = x[:, 0, 0]
 
-    def lp(mat, xi):
-        # Unvalidated: torch's own checks run under vmap only from torch 2.7 on.
-        return MultivariateNormal(loc_d[0, 0], **{parametrization: mat}, validate_args=False).log_prob(xi)
-
-    expected_jac = torch.func.vmap(torch.func.grad(lp), in_dims=(None, 0))(m_d, x1)
+    params = {"loc": loc_d[0, 0], parametrization: m_d}
+    expected_jac = DENSE[parametrization].per_sample_grad(x1, params, parametrization)
     single = JacobianMVN.from_distribution(SOURCES[source](loc_d[0, 0], **{parametrization: m_d}))
     assert_close(single.jacobian(x1, parametrization), expected_jac)
 
@@ -386,7 +382,7 @@ SYMMETRIZED_METHODS = {
     **{f"fisher_information_{w}": (lambda d, x, g, w=w: d.fisher_information(w)) for w in WRT[1:]},
     **{f"jacobian_{w}": (lambda d, x, g, w=w: d.jacobian(x, w)) for w in WRT},
     **{f"log_prob_and_grads_{w}": (lambda d, x, g, w=w: d.log_prob_and_grads(x, (w,), reduction="sum")[1][w])
-       for w in MATRIX_WRT},
+       for w in PARAMETRIZATIONS},
     "scale_tril": lambda d, x, g: d.scale_tril,
     "covariance_matrix": lambda d, x, g: d.covariance_matrix,
     "precision_matrix": lambda d, x, g: d.precision_matrix,
@@ -518,7 +514,7 @@ def peak_bytes(fn):
 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-@pytest.mark.parametrize("wrt", MATRIX_WRT)
+@pytest.mark.parametrize("wrt", PARAMETRIZATIONS)
 def test_fisher_information_matches_dense_reference(wrt, parametrization, assert_close):
     cov = random_spd((2,), 4)
     d = JacobianMVN(torch.zeros(2, 4, dtype=torch.float64), **{parametrization: matrix_for(parametrization, cov)})
@@ -530,7 +526,7 @@ def test_fisher_information_matches_dense_reference(wrt, parametrization, assert
 
 # torch 2.11's profiler says, on a second profile in one process, that each profile keeps only its own events.
 @pytest.mark.filterwarnings("ignore:Warning. Profiler clears events:UserWarning")
-@pytest.mark.parametrize("wrt", MATRIX_WRT)
+@pytest.mark.parametrize("wrt", PARAMETRIZATIONS)
 def test_fisher_information_peak_memory(wrt):
     d = JacobianMVN(torch.zeros(24, dtype=torch.float64), scale_tril=torch.linalg.cholesky(random_spd((), 24)))
     d.fisher_information(wrt)  # warm up: lazy factors and one-off allocations are not counted
@@ -540,7 +536,7 @@ def test_fisher_information_peak_memory(wrt):
     assert peak <= 1.5 * result, f"peak {peak} bytes is {peak / result:.2f}x the {result}-byte result"
 
 
-@pytest.mark.parametrize("wrt", MATRIX_WRT)
+@pytest.mark.parametrize("wrt", PARAMETRIZATIONS)
 def test_fisher_information_too_large_raises_before_allocating(wrt):
     n = 1000  # k = 500500: the (k, k) float64 result would take 2 TB
     d = JacobianMVN(torch.zeros(n, dtype=torch.float64), scale_tril=torch.eye(n, dtype=torch.float64))
@@ -673,22 +669,6 @@ def test_out_of_wrong_shape_or_dtype_raises(method, wrong):
             d.log_prob_and_grads(x, ("covariance_matrix",), out={"covariance_matrix": buf})
 
 
-def _torch_per_sample(loc, cov, x, wrt):
-    """Per-sample derivatives of log_prob w.r.t. ``wrt`` by ``torch.func.vmap(grad)`` through torch's MVN (built
-    from ``wrt``'s matrix for a matrix ``wrt``), full layout; ``loc``, ``cov`` and ``x`` share one batch shape."""
-    name = wrt if wrt in MATRIX_WRT else "covariance_matrix"
-
-    def log_prob(value, mean, matrix):
-        return MultivariateNormal(mean, **{name: matrix}, validate_args=False).log_prob(value)
-
-    argnum = {"value": 0, "loc": 1}.get(wrt, 2)
-    shape = x.shape[:-1]
-    args = (x.reshape(-1, D), loc.expand(shape + (D,)).reshape(-1, D),
-            matrix_for(name, cov).expand(shape + (D, D)).reshape(-1, D, D))
-    out = torch.func.vmap(torch.func.grad(log_prob, argnums=argnum))(*(a.detach() for a in args))
-    return out.reshape(shape + out.shape[1:])
-
-
 @pytest.mark.parametrize("method", ["jacobian", "log_prob_and_grads"])
 @pytest.mark.parametrize("wrt", WRT)
 @pytest.mark.parametrize("tracked", ["value", "loc", "covariance_matrix"])
@@ -713,7 +693,8 @@ def test_out_is_refused_for_inputs_that_require_grad(tracked, wrt, method, asser
     with torch.no_grad():
         result = call()
     assert result.data_ptr() == buf.data_ptr() and not result.requires_grad
-    assert_close(buf, _torch_per_sample(loc, cov.expand(4, D, D), x.expand(5, 4, D), wrt))
+    params = {"loc": loc.detach(), "covariance_matrix": cov.detach()}
+    assert_close(buf, DENSE["covariance_matrix"].per_sample_grad(x.detach(), params, wrt))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -721,7 +702,7 @@ def test_out_is_refused_for_inputs_that_require_grad(tracked, wrt, method, asser
 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-@pytest.mark.parametrize("wrt", MATRIX_WRT)
+@pytest.mark.parametrize("wrt", PARAMETRIZATIONS)
 @pytest.mark.parametrize("layout", ["full", "vech"])
 def test_matrix_jacobian_of_parameters_that_require_grad(parametrization, wrt, layout, assert_close):
     """The result equals the one without grad and is differentiable: the gradient of a function of it w.r.t. ``loc``
@@ -735,11 +716,7 @@ def test_matrix_jacobian_of_parameters_that_require_grad(parametrization, wrt, l
     assert_close(ours, plain)
 
     def reference(loc, m):  # d log p / d wrt per sample, through torch's MVN parametrized by wrt, full layout
-        def lp(matrix, xi):
-            return MultivariateNormal(loc, **{wrt: matrix}, validate_args=False).log_prob(xi)
-
-        at = getattr(JacobianMVN(loc, **{parametrization: m}, validate_args=False), wrt)
-        return torch.func.vmap(torch.func.grad(lp), in_dims=(None, 0))(at, x)
+        return DENSE[parametrization].per_sample_grad(x, {"loc": loc, parametrization: m}, wrt)
 
     full = ours if layout == "full" else None
     if full is not None:
@@ -758,7 +735,7 @@ def test_matrix_jacobian_of_parameters_that_require_grad(parametrization, wrt, l
 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-@pytest.mark.parametrize("wrt", MATRIX_WRT)
+@pytest.mark.parametrize("wrt", PARAMETRIZATIONS)
 @pytest.mark.parametrize("layout", ["full", "vech"])
 def test_matrix_jacobian_under_vmap(parametrization, wrt, layout, assert_close):
     m = matrix_for(parametrization, random_spd((), D))
