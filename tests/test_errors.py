@@ -1,5 +1,6 @@
 """Clear errors for user mistakes: each case raises the stated exception with a message naming what went wrong."""
 
+import math
 import re
 
 import pytest
@@ -299,3 +300,28 @@ def test_parameter_validation_agrees_with_torch(name, value):
     else:
         with pytest.raises(ValueError, match=f"Expected parameter {name} .* to satisfy the constraint"):
             JacobianMVN(**kwargs, validate_args=True)
+
+
+# A value with NaN or infinite entries: the validation message keeps the detail and torch's wording.
+
+
+def _torch_support_message(value):
+    """The key phrases of torch's ``_validate_sample`` message for ``value``."""
+    mvn = MultivariateNormal(torch.zeros(D), torch.eye(D))
+    with pytest.raises(ValueError) as info:
+        mvn.log_prob(torch.full_like(value, math.nan))  # torch's support check catches NaN, not inf
+    text = str(info.value)
+    assert text.startswith("Expected value argument")
+    return text[: text.index("to be within the support") + len("to be within the support")]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_validation_message_keeps_detail_and_torch_wording(bad):
+    value = torch.zeros(2, D)
+    value[1, 0] = bad
+    with pytest.raises(ValueError) as info:
+        JacobianMVN(torch.zeros(D), torch.eye(D), validate_args=True).log_prob(value)
+    message = str(info.value)
+    assert "value contains NaN or infinite entries" in message
+    assert _torch_support_message(value) in message
+    assert repr(torch.distributions.constraints.real_vector) in message
