@@ -36,9 +36,9 @@ RESULT_METHODS = {
     "fisher_matrix": lambda d, x, grads: d.fisher_information(d.parametrization),
     "natural_gradient_loc": lambda d, x, grads: d.natural_gradient({"loc": grads["loc"]})["loc"],
     "natural_gradient_matrix": lambda d, x, grads: d.natural_gradient({"precision_matrix": grads["matrix"]})[
-        "precision_matrix"],
-    "log_prob_and_grads": lambda d, x, grads: d.log_prob_and_grads(x, ("loc", d.parametrization))[1][
-        d.parametrization],
+        "precision_matrix"
+    ],
+    "log_prob_and_grads": lambda d, x, grads: d.log_prob_and_grads(x, ("loc", d.parametrization))[1][d.parametrization],
 }
 
 

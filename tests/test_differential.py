@@ -50,7 +50,7 @@ class Case:
 
 def _sub_batch(rng, batch):
     """A shape that broadcasts to ``batch``: a suffix of it with some sizes replaced by 1."""
-    suffix = batch[len(batch) - rng.randint(0, len(batch)):] if batch else ()
+    suffix = batch[len(batch) - rng.randint(0, len(batch)) :] if batch else ()
     return tuple(1 if rng.random() < 0.3 else n for n in suffix)
 
 
@@ -203,8 +203,11 @@ def test_differential(case):
         lp, grads = ours.log_prob_and_grads(x, WRT, reduction="none", layout=layout)
         check.close("log_prob_and_grads log_prob", lp, _torch_log_prob(theirs, x))
         for wrt in WRT:
-            check.close(f"log_prob_and_grads(reduction='none', layout={layout!r})[{wrt!r}]", grads[wrt],
-                        ours.jacobian(x, wrt, layout=layout))
+            check.close(
+                f"log_prob_and_grads(reduction='none', layout={layout!r})[{wrt!r}]",
+                grads[wrt],
+                ours.jacobian(x, wrt, layout=layout),
+            )
     _, grads = ours.log_prob_and_grads(x, WRT, reduction="sum")
     for name, expected in expected_sum.items():
         check.close(f"log_prob_and_grads(reduction='sum')[{name!r}]", grads[name], expected)

@@ -15,7 +15,14 @@ from torch_mvn_ext import JacobianMVN, _factor
 
 D = 3
 TENSOR_ATTRIBUTES = (
-    "loc", "scale_tril", "covariance_matrix", "precision_matrix", "mean", "mode", "variance", "stddev",
+    "loc",
+    "scale_tril",
+    "covariance_matrix",
+    "precision_matrix",
+    "mean",
+    "mode",
+    "variance",
+    "stddev",
 )
 
 

@@ -64,4 +64,3 @@ class _limited_address_space:
 
     def __exit__(self, *exc):
         resource.setrlimit(resource.RLIMIT_AS, self.saved)
-

@@ -49,8 +49,9 @@ def test_from_distribution_matches_source(source, parametrization, assert_close)
 
 @pytest.mark.parametrize("parametrization", ["covariance_matrix", "scale_tril"])
 def test_from_distribution_reuses_the_factor(parametrization):
-    mvn = MultivariateNormal(torch.zeros(D, dtype=torch.float64),
-                             **{parametrization: matrix_for(parametrization, random_spd((2,), D))})
+    mvn = MultivariateNormal(
+        torch.zeros(D, dtype=torch.float64), **{parametrization: matrix_for(parametrization, random_spd((2,), D))}
+    )
     source_factor = mvn._unbroadcasted_scale_tril
     ours = JacobianMVN.from_distribution(mvn)
     # No new Cholesky factorization: the factor is the source's tensor, not an equal copy.
@@ -65,11 +66,14 @@ def test_from_distribution_reuses_the_precision_factor():
     assert ours.scale_tril.data_ptr() == mvn._unbroadcasted_scale_tril.data_ptr()
 
 
-@pytest.mark.parametrize("other", [
-    torch.distributions.Normal(torch.zeros(D), 1.0),
-    torch.distributions.LowRankMultivariateNormal(torch.zeros(D), torch.ones(D, 1), torch.ones(D)),
-    dist.Normal(torch.zeros(D), 1.0).to_event(1),
-])
+@pytest.mark.parametrize(
+    "other",
+    [
+        torch.distributions.Normal(torch.zeros(D), 1.0),
+        torch.distributions.LowRankMultivariateNormal(torch.zeros(D), torch.ones(D, 1), torch.ones(D)),
+        dist.Normal(torch.zeros(D), 1.0).to_event(1),
+    ],
+)
 def test_from_distribution_rejects_other_distributions(other):
     with pytest.raises((ValueError, TypeError), match=type(other).__name__):
         JacobianMVN.from_distribution(other)

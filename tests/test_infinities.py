@@ -43,8 +43,9 @@ def test_infinite_value_with_a_diagonal_precision_keeps_the_finite_entries():
     p = torch.diag(torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64))
     d = JacobianMVN(torch.zeros(D, dtype=torch.float64), precision_matrix=p, validate_args=False)
     x = torch.tensor([float("inf"), 0.5, -0.25], dtype=torch.float64)
-    torch.testing.assert_close(d.jacobian(x, "value"), -(p.diagonal() * torch.tensor([float("inf"), 0.5, -0.25],
-                                                                                        dtype=torch.float64)))
+    torch.testing.assert_close(
+        d.jacobian(x, "value"), -(p.diagonal() * torch.tensor([float("inf"), 0.5, -0.25], dtype=torch.float64))
+    )
 
 
 @pytest.mark.parametrize("where", ["value", "loc"])

@@ -38,8 +38,11 @@ def test_jit_trace_without_library_warnings(parametrization, method, validate_ar
 
     def args(seed):
         torch.manual_seed(seed)
-        return (torch.randn(4, D, dtype=torch.float64), matrix_for(parametrization, random_spd((4,), D)),
-                torch.randn(5, 4, D, dtype=torch.float64))
+        return (
+            torch.randn(4, D, dtype=torch.float64),
+            matrix_for(parametrization, random_spd((4,), D)),
+            torch.randn(5, 4, D, dtype=torch.float64),
+        )
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

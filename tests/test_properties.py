@@ -22,7 +22,7 @@ def random_spd(generator, batch_shape, d, condition):
     """SPD matrices with eigenvalues log-uniform in ``[1, condition]`` and random eigenvectors."""
     q, _ = torch.linalg.qr(torch.randn(*batch_shape, d, d, dtype=torch.float64, generator=generator))
     u = torch.rand(*batch_shape, d, dtype=torch.float64, generator=generator)
-    m = (q * condition**u.unsqueeze(-2)) @ q.mT
+    m = (q * condition ** u.unsqueeze(-2)) @ q.mT
     return (m + m.mT) / 2
 
 

@@ -26,14 +26,19 @@ def _hmm_parts(cls, parametrization, hidden_dim=2, obs_dim=3, duration=5):
     """The arguments of a GaussianHMM, each noise distribution of class ``cls``; the same numbers for any ``cls``
     (the random state is reset first)."""
     torch.manual_seed(3)
-    initial = cls(torch.randn(hidden_dim), **{parametrization: matrix_for(parametrization, random_spd((), hidden_dim,
-                                                                                                      torch.float32))})
+    initial = cls(
+        torch.randn(hidden_dim),
+        **{parametrization: matrix_for(parametrization, random_spd((), hidden_dim, torch.float32))},
+    )
     trans_matrix = 0.5 * torch.randn(duration, hidden_dim, hidden_dim)
-    trans = cls(torch.randn(duration, hidden_dim),
-                **{parametrization: matrix_for(parametrization, random_spd((duration,), hidden_dim, torch.float32))})
+    trans = cls(
+        torch.randn(duration, hidden_dim),
+        **{parametrization: matrix_for(parametrization, random_spd((duration,), hidden_dim, torch.float32))},
+    )
     obs_matrix = torch.randn(hidden_dim, obs_dim)
-    obs = cls(torch.randn(obs_dim), **{parametrization: matrix_for(parametrization, random_spd((), obs_dim,
-                                                                                                torch.float32))})
+    obs = cls(
+        torch.randn(obs_dim), **{parametrization: matrix_for(parametrization, random_spd((), obs_dim, torch.float32))}
+    )
     data = torch.randn(duration, obs_dim)
     return (initial, trans_matrix, trans, obs_matrix, obs), data
 

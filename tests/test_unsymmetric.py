@@ -34,14 +34,15 @@ SYMMETRIZED_METHODS = {
     "condition_leading": lambda d, x, g: d.condition([0], x[..., :1]).log_prob(x[..., 1:]),
     "hessian": lambda d, x, g: d.hessian(x),
     "natural_gradient_loc": lambda d, x, g: d.natural_gradient({"loc": g[0]})["loc"],
-    "natural_gradient_covariance": lambda d, x, g: d.natural_gradient({"covariance_matrix": g[1]})[
-        "covariance_matrix"],
+    "natural_gradient_covariance": lambda d, x, g: d.natural_gradient({"covariance_matrix": g[1]})["covariance_matrix"],
     "natural_gradient_precision": lambda d, x, g: d.natural_gradient({"precision_matrix": g[1]})["precision_matrix"],
     "natural_gradient_scale_tril": lambda d, x, g: d.natural_gradient({"scale_tril": g[1]})["scale_tril"],
     **{f"fisher_information_{w}": (lambda d, x, g, w=w: d.fisher_information(w)) for w in WRT[1:]},
     **{f"jacobian_{w}": (lambda d, x, g, w=w: d.jacobian(x, w)) for w in WRT},
-    **{f"log_prob_and_grads_{w}": (lambda d, x, g, w=w: d.log_prob_and_grads(x, (w,), reduction="sum")[1][w])
-       for w in PARAMETRIZATIONS},
+    **{
+        f"log_prob_and_grads_{w}": (lambda d, x, g, w=w: d.log_prob_and_grads(x, (w,), reduction="sum")[1][w])
+        for w in PARAMETRIZATIONS
+    },
     "scale_tril": lambda d, x, g: d.scale_tril,
     "covariance_matrix": lambda d, x, g: d.covariance_matrix,
     "precision_matrix": lambda d, x, g: d.precision_matrix,
@@ -62,9 +63,10 @@ def test_unsymmetric_log_prob_reads_what_torch_reads(parametrization, assert_clo
 
 
 # The given matrix itself is returned as given, as torch's MVN returns it; every derived one is compared.
-@pytest.mark.parametrize(("parametrization", "method"), [
-    (p, method) for p in ("covariance_matrix", "precision_matrix") for method in SYMMETRIZED_METHODS if method != p
-])
+@pytest.mark.parametrize(
+    ("parametrization", "method"),
+    [(p, method) for p in ("covariance_matrix", "precision_matrix") for method in SYMMETRIZED_METHODS if method != p],
+)
 def test_unsymmetric_matrix_methods_agree_with_log_prob(parametrization, method, assert_close):
     m, sym = _unsymmetric(parametrization)
     loc = torch.randn(D, dtype=torch.float64)
