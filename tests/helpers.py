@@ -1,12 +1,22 @@
-"""Shared builders for the tests: random SPD matrices, the shape grid, and paired distributions."""
+"""Shared builders for the tests: the registry of covariance structures, random SPD matrices and the shape grid.
 
+Each :class:`Structure` names our class and torch's class for one covariance structure (for the dense one, one
+entry per parametrization), draws random parameters for it and computes the one independent reference for
+per-sample derivatives, :meth:`Structure.per_sample_grad`. The generic tests loop over :data:`STRUCTURES`, so that a
+structure added there is checked by all of them.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
 import torch
 from torch.distributions import MultivariateNormal
+from torch.func import grad, vmap
 
 from torch_mvn_ext import JacobianMVN
 
 PARAMETRIZATIONS = ("covariance_matrix", "precision_matrix", "scale_tril")
-MATRICES = PARAMETRIZATIONS
 WRT = ("value", "loc") + PARAMETRIZATIONS
 
 # Per dtype, for torch.testing.assert_close (the conftest fixture ``assert_close`` applies them).
@@ -49,19 +59,140 @@ def matrix_for(parametrization, cov):
     return torch.linalg.cholesky(cov)
 
 
-def make_pair(parametrization, loc, cov, **kwargs):
-    """The same distribution as a JacobianMVN and as torch's MultivariateNormal."""
-    m = matrix_for(parametrization, cov)
-    return (
-        JacobianMVN(loc, **{parametrization: m}, **kwargs),
-        MultivariateNormal(loc, **{parametrization: m}, **kwargs),
+def vech_of_full(full, wrt):
+    """The ``layout="vech"`` form of a full-layout derivative w.r.t. ``wrt`` of the dense structure: the lower
+    triangle (``torch.tril_indices`` order), its off-diagonal entries doubled for a symmetric matrix (each stands for
+    ``(i, j)`` and ``(j, i)``); a derivative w.r.t. a vector as it is."""
+    if wrt in ("value", "loc"):
+        return full
+    d = full.shape[-1]
+    rows, cols = torch.tril_indices(d, d, device=full.device)
+    out = full[..., rows, cols]
+    if wrt == "scale_tril":
+        return out
+    return out * torch.where(rows == cols, 1.0, 2.0).to(out.dtype)
+
+
+def _as_given(params, wrt):
+    return params
+
+
+def _full(full, wrt):
+    return full
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One covariance structure of a Gaussian: our class, torch's class (the reference), and how to draw and
+    compare them.
+
+    ``params`` are the constructor's arguments after ``loc``; a parameter dict (what :attr:`random_params` returns,
+    what :meth:`pair` and :meth:`per_sample_grad` take) holds ``loc`` and those, by keyword. ``wrt`` are the names
+    ``jacobian`` accepts; ``event_dims`` gives, for each of them but ``value`` and ``loc`` (vectors), how many
+    trailing dimensions one batch member's tensor has.
+    """
+
+    name: str
+    ours: type
+    reference: type
+    params: tuple
+    wrt: tuple
+    event_dims: dict
+    # random_params(batch_shape, d, dtype=torch.float64, loc_batch_shape=None) -> parameter dict: random
+    # parameters of event size d whose batch shape is batch_shape (loc's is loc_batch_shape, if given).
+    random_params: Callable
+    # reparametrize(params, wrt) -> the same distribution's parameter dict with wrt among its keys, for a wrt the
+    # constructor does not take (another parametrization of the same matrix); built with torch alone.
+    reparametrize: Callable = _as_given
+    # layout name -> function(full, wrt) giving that layout of a full-layout derivative w.r.t. wrt.
+    layouts: dict = field(default_factory=lambda: {"full": _full})
+
+    def pair(self, params, **kwargs):
+        """The same distribution as ours and as torch's."""
+        return self.ours(**params, **kwargs), self.reference(**params, **kwargs)
+
+    def _dims(self, name):
+        return 1 if name in ("value", "loc") else self.event_dims[name]
+
+    def event_shape(self, params, wrt):
+        """One batch member's shape of ``wrt`` (the trailing shape of its per-sample derivatives, full layout)."""
+        name = "loc" if wrt == "value" else wrt
+        t = self.reparametrize(params, wrt)[name]
+        return t.shape[t.dim() - self._dims(name) :]
+
+    def per_sample_grad(self, value, params, wrt):
+        """The reference for per-sample derivatives: for every ``s`` of ``S = broadcast_shapes(value.shape[:-1],
+        batch_shape)``, the gradient of ``log_prob(value)[s]`` w.r.t. ``wrt`` of batch member ``s``, by
+        ``torch.func.vmap(torch.func.grad(...))`` through torch's class (unvalidated) built from
+        ``reparametrize(params, wrt)``, every argument expanded to ``S`` and one sample per call; shape ``S +``
+        :meth:`event_shape`. Differentiable w.r.t. ``value`` and ``params``."""
+        params = self.reparametrize(params, wrt)
+        names = tuple(params)
+        args = (value,) + tuple(params.values())
+        events = [a.shape[a.dim() - self._dims(n) :] for n, a in zip(("value",) + names, args)]
+        S = torch.broadcast_shapes(*(a.shape[: a.dim() - len(e)] for a, e in zip(args, events)))
+        flat = [a.expand(S + e).reshape((-1,) + e) for a, e in zip(args, events)]
+        argnum = 0 if wrt == "value" else 1 + names.index(wrt)
+        if S.numel() == 0:
+            return flat[argnum].new_zeros(S + events[argnum])
+
+        def log_prob(x, *members):
+            return self.reference(**dict(zip(names, members)), validate_args=False).log_prob(x)
+
+        return vmap(grad(log_prob, argnums=argnum))(*flat).reshape(S + events[argnum])
+
+
+def _dense_random_params(parametrization):
+    def random_params(batch_shape, d, dtype=torch.float64, loc_batch_shape=None):
+        loc_batch = batch_shape if loc_batch_shape is None else loc_batch_shape
+        loc = torch.randn(*loc_batch, d, dtype=dtype)
+        return {"loc": loc, parametrization: matrix_for(parametrization, random_spd(batch_shape, d, dtype))}
+
+    return random_params
+
+
+def _dense_reparametrize(params, wrt):
+    """The same Gaussian's ``loc`` and ``wrt``'s matrix, derived from the given matrix (symmetrized covariance)."""
+    (given,) = (name for name in PARAMETRIZATIONS if name in params)
+    if wrt in ("value", "loc") or wrt == given:
+        return params
+    m = params[given]
+    if given == "covariance_matrix":
+        cov = m
+    elif given == "scale_tril":
+        cov = m @ m.mT
+    else:
+        cov = torch.cholesky_inverse(torch.linalg.cholesky(m))
+    return {"loc": params["loc"], wrt: matrix_for(wrt, (cov + cov.mT) / 2)}
+
+
+# The dense Gaussian, one entry per parametrization.
+DENSE = {
+    p: Structure(
+        name=f"dense-{p}",
+        ours=JacobianMVN,
+        reference=MultivariateNormal,
+        params=(p,),
+        wrt=WRT,
+        event_dims=dict.fromkeys(PARAMETRIZATIONS, 2),
+        random_params=_dense_random_params(p),
+        reparametrize=_dense_reparametrize,
+        layouts={"full": _full, "vech": vech_of_full},
     )
+    for p in PARAMETRIZATIONS
+}
+
+STRUCTURES = [*DENSE.values()]
+
+# Parameter lists for the generic tests, with readable ids ("dense-covariance_matrix", "dense-scale_tril-loc",
+# "dense-precision_matrix-vech").
+STRUCTURE_PARAMS = [pytest.param(s, id=s.name) for s in STRUCTURES]
+STRUCTURE_WRT = [pytest.param(s, w, id=f"{s.name}-{w}") for s in STRUCTURES for w in s.wrt]
+STRUCTURE_LAYOUTS = [pytest.param(s, layout, id=f"{s.name}-{layout}") for s in STRUCTURES for layout in s.layouts]
 
 
-def grid_case(parametrization, shapes, d):
-    """``(loc, cov, x, dist)`` in float64 for one entry of :data:`SHAPE_GRID`."""
+def grid_case(structure, shapes, d):
+    """``(params, x)`` in float64 for one entry of :data:`SHAPE_GRID` (its matrix batch is the parameters')."""
     loc_batch, mat_batch, x_batch = shapes
-    loc = torch.randn(*loc_batch, d, dtype=torch.float64)
-    cov = random_spd(mat_batch, d)
-    x = torch.randn(*x_batch, d, dtype=torch.float64)
-    return loc, cov, x, JacobianMVN(loc, **{parametrization: matrix_for(parametrization, cov)})
+    params = structure.random_params(mat_batch, d, loc_batch_shape=loc_batch)
+    return params, torch.randn(*x_batch, d, dtype=torch.float64)

@@ -127,8 +127,11 @@ def test_vmap_with_validation(parametrization, transform, assert_close):
     """torch.func.vmap works with argument validation on (torch's default), over the value, the mean or the matrix
     (torch's MVN over the first two and scale_tril): the checks hold for every batch member at once."""
     x, loc, m = (t.detach() for t in inputs(parametrization, (D,), (), (D,)))
-    batched = (x + torch.randn(4, D, dtype=x.dtype), loc + torch.randn(4, D, dtype=x.dtype),
-               matrix_for(parametrization, random_spd((4,), D)))
+    batched = (
+        x + torch.randn(4, D, dtype=x.dtype),
+        loc + torch.randn(4, D, dtype=x.dtype),
+        matrix_for(parametrization, random_spd((4,), D)),
+    )
     make, index = VALIDATED_TRANSFORMS[transform]
     args = [x, loc, m]
     args[index] = batched[index]

@@ -15,13 +15,13 @@ from torch_mvn_ext import AutoJacobianMVN, JacobianMVN
 D = 2
 SVI_STEPS = 500
 
+
 @pytest.fixture(autouse=True)
 def param_store():
     """Pyro's param store is global: every test starts and ends with an empty one."""
     pyro.clear_param_store()
     yield
     pyro.clear_param_store()
-
 
 
 def hierarchical_model(data=None, n=6):

@@ -10,9 +10,8 @@ import random
 from dataclasses import dataclass
 
 import torch
-from helpers import MATRICES, PARAMETRIZATIONS, TOLERANCES, WRT, matrix_for, random_spd
+from helpers import DENSE, PARAMETRIZATIONS, TOLERANCES, WRT, matrix_for, random_spd, vech_of_full
 from torch.distributions import MultivariateNormal
-from torch.func import grad, vmap
 
 from torch_mvn_ext import JacobianMVN
 
@@ -51,7 +50,7 @@ class Case:
 
 def _sub_batch(rng, batch):
     """A shape that broadcasts to ``batch``: a suffix of it with some sizes replaced by 1."""
-    suffix = batch[len(batch) - rng.randint(0, len(batch)):] if batch else ()
+    suffix = batch[len(batch) - rng.randint(0, len(batch)) :] if batch else ()
     return tuple(1 if rng.random() < 0.3 else n for n in suffix)
 
 
@@ -112,14 +111,14 @@ class Checker:
 
 
 def _inputs(case):
-    """``(loc, cov, matrix, x)``: the float64 covariance and, in the case's dtype, the arguments."""
+    """``(loc, matrix, x)``: the arguments, in the case's dtype."""
     torch.manual_seed(case.seed)
     d = case.d
     cov = random_spd(case.matrix_batch, d, condition=10.0)
     loc = torch.randn(*case.loc_batch, d, dtype=torch.float64)
     x = 1.5 * torch.randn(*case.value_batch, d, dtype=torch.float64)
     matrix = matrix_for(case.parametrization, cov)
-    return loc.to(case.dtype), cov, matrix.to(case.dtype), x.to(case.dtype)
+    return loc.to(case.dtype), matrix.to(case.dtype), x.to(case.dtype)
 
 
 def _pair(case, loc, matrix):
@@ -142,53 +141,15 @@ def _torch_log_prob(mvn, x):
     return (0.0 * (x.sum() + mvn.loc.sum() + mvn._unbroadcasted_scale_tril.sum())).expand(S)
 
 
-def _reference_jacobian(case, loc, cov, x, wrt):
-    r"""Per-sample ``vmap(grad)`` of ``log_prob`` through torch's MVN in float64, parametrized by ``wrt``'s matrix
-    (the covariance's own, at the same distribution, for ``"value"``/``"loc"``: the case's parametrization)."""
-    d = case.d
-    name = wrt if wrt in MATRICES else case.parametrization
-    mat = _reference_matrix(case, cov, name)
-    shape = torch.broadcast_shapes(x.shape[:-1], loc.shape[:-1], mat.shape[:-2])
-    matrix_part = (d, d)
-    xs = x.double().expand(shape + (d,)).reshape(-1, d)
-    locs = loc.double().expand(shape + (d,)).reshape(-1, d)
-    mats = mat.expand(shape + matrix_part).reshape(-1, d, d)
-    out_shape = shape + ((d,) if wrt in ("value", "loc") else matrix_part)
-    if xs.shape[0] == 0:
-        return torch.zeros(out_shape, dtype=torch.float64)
-
-    def log_prob(x, loc, m):
-        return _torch_log_prob(MultivariateNormal(loc, **{name: m}, validate_args=False), x)
-
-    argnum = {"value": 0, "loc": 1}.get(wrt, 2)
-    return vmap(grad(log_prob, argnums=argnum))(xs, locs, mats).reshape(out_shape)
-
-
-def _reference_matrix(case, cov, name):
-    """The float64 matrix ``name`` of the distribution the case's (possibly float32) argument defines."""
-    given = matrix_for(case.parametrization, cov).to(case.dtype).double()
-    if name == case.parametrization:
-        return given
-    if case.parametrization == "covariance_matrix":
-        sigma = given
-    elif case.parametrization == "scale_tril":
-        sigma = given @ given.mT
-    else:
-        sigma = torch.cholesky_inverse(torch.linalg.cholesky(given))
-    return matrix_for(name, (sigma + sigma.mT) / 2)
-
-
-def _vech_of_full(full, symmetric):
-    d = full.shape[-1]
-    rows, cols = torch.tril_indices(d, d)
-    out = full[..., rows, cols]
-    return out * torch.where(rows == cols, 1.0, 2.0).to(out.dtype) if symmetric else out
+def _float64_params(case, loc, matrix):
+    """The case's arguments in float64: the reference's parameters for the distribution they define."""
+    return {"loc": loc.double(), case.parametrization: matrix.double()}
 
 
 def test_differential(case):
     check = Checker(case)
     d = case.d
-    loc, cov, matrix, x = _inputs(case)
+    loc, matrix, x = _inputs(case)
     ours, theirs = _pair(case, loc, matrix)
     S = torch.broadcast_shapes(x.shape[:-1], theirs.batch_shape)
 
@@ -227,33 +188,34 @@ def test_differential(case):
         check.close(f"autograd w.r.t. {name}", actual_sum[name], expected_sum[name])
 
     # Per-sample jacobian for every wrt, both layouts, against vmap(grad) through torch's MVN in float64.
+    structure, params64 = DENSE[case.parametrization], _float64_params(case, loc, matrix)
     jac = {}
     for wrt in WRT:
         jac[wrt] = ours.jacobian(x, wrt)
-        expected = _reference_jacobian(case, loc, cov, x, wrt)
+        expected = structure.per_sample_grad(x.double(), params64, wrt)
         check.close(f"jacobian(wrt={wrt!r})", jac[wrt], expected)
         check.dtype(f"jacobian(wrt={wrt!r})", jac[wrt], case.dtype)
         vech = ours.jacobian(x, wrt, layout="vech")
-        if wrt in MATRICES:
-            check.close(f"jacobian(wrt={wrt!r}, layout='vech')", vech, _vech_of_full(jac[wrt], wrt != "scale_tril"))
-        else:
-            check.close(f"jacobian(wrt={wrt!r}, layout='vech')", vech, jac[wrt])
+        check.close(f"jacobian(wrt={wrt!r}, layout='vech')", vech, vech_of_full(jac[wrt], wrt))
 
     # log_prob_and_grads: "none" equals jacobian, "sum" equals autograd (with the user's tensors' shapes).
     for layout in ("full", "vech"):
         lp, grads = ours.log_prob_and_grads(x, WRT, reduction="none", layout=layout)
         check.close("log_prob_and_grads log_prob", lp, _torch_log_prob(theirs, x))
         for wrt in WRT:
-            check.close(f"log_prob_and_grads(reduction='none', layout={layout!r})[{wrt!r}]", grads[wrt],
-                        ours.jacobian(x, wrt, layout=layout))
+            check.close(
+                f"log_prob_and_grads(reduction='none', layout={layout!r})[{wrt!r}]",
+                grads[wrt],
+                ours.jacobian(x, wrt, layout=layout),
+            )
     _, grads = ours.log_prob_and_grads(x, WRT, reduction="sum")
     for name, expected in expected_sum.items():
         check.close(f"log_prob_and_grads(reduction='sum')[{name!r}]", grads[name], expected)
-    for other in MATRICES:
+    for other in PARAMETRIZATIONS:
         if other == case.parametrization:
             continue
         # The gradient w.r.t. another matrix of the same distribution, one per batch member.
-        m_other = _reference_matrix(case, cov, other).expand(tuple(theirs.batch_shape) + (d, d)).clone()
+        m_other = structure.reparametrize(params64, other)[other].expand(tuple(theirs.batch_shape) + (d, d)).clone()
         m_other.requires_grad_()
         other_mvn = MultivariateNormal(loc.double(), **{other: m_other}, validate_args=False)
         lp = _torch_log_prob(other_mvn, x.double()).sum()

@@ -36,11 +36,17 @@ def run(command, env):
 def run_torchrun(script_args, env, script=SCRIPT):
     """Two processes on 127.0.0.1; a second try with a new port if another process took the free one first."""
     for attempt in range(2):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                    "--master_addr=127.0.0.1", f"--master_port={free_local_port()}"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_local_port()}",
+        ]
         command = [*launcher, str(script), *script_args]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env,
-                                cwd=SCRIPT.parent.parent)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=SCRIPT.parent.parent)
         if result.returncode == 0 or attempt == 1 or "address already in use" not in result.stderr.lower():
             assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
             return result

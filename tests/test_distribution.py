@@ -1,4 +1,5 @@
-"""JacobianMVN against torch.distributions.MultivariateNormal: every attribute, shape, sample and copy."""
+"""JacobianMVN against torch.distributions.MultivariateNormal: every attribute, shape, sample and copy (the
+attributes and log_prob for every structure of ``helpers.STRUCTURES``)."""
 
 import copy
 import io
@@ -6,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import PARAMETRIZATIONS, SHAPE_GRID, SHAPE_IDS, make_pair, matrix_for, random_spd
+from helpers import DENSE, PARAMETRIZATIONS, SHAPE_GRID, SHAPE_IDS, STRUCTURE_PARAMS, grid_case, matrix_for, random_spd
 from pyro.distributions.torch_distribution import TorchDistributionMixin
 from torch.distributions import MultivariateNormal
 
@@ -14,26 +15,30 @@ from torch_mvn_ext import JacobianMVN, _factor
 
 D = 3
 TENSOR_ATTRIBUTES = (
-    "loc", "scale_tril", "covariance_matrix", "precision_matrix", "mean", "mode", "variance", "stddev",
+    "loc",
+    "scale_tril",
+    "covariance_matrix",
+    "precision_matrix",
+    "mean",
+    "mode",
+    "variance",
+    "stddev",
 )
 
 
 @pytest.mark.parametrize("shapes", SHAPE_GRID, ids=SHAPE_IDS)
-@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-def test_matches_torch(parametrization, shapes, assert_close):
-    loc_batch, mat_batch, x_batch = shapes
-    loc = torch.randn(*loc_batch, D, dtype=torch.float64)
-    ours, theirs = make_pair(parametrization, loc, random_spd(mat_batch, D))
+@pytest.mark.parametrize("structure", STRUCTURE_PARAMS)
+def test_matches_torch(structure, shapes, assert_close):
+    params, x = grid_case(structure, shapes, D)
+    ours, theirs = structure.pair(params)
     assert ours.batch_shape == theirs.batch_shape
     assert ours.event_shape == theirs.event_shape
-    assert ours.parametrization == parametrization
-    for name in TENSOR_ATTRIBUTES:
+    for name in dict.fromkeys(structure.params + TENSOR_ATTRIBUTES):
         a, b = getattr(ours, name), getattr(theirs, name)
         assert a.shape == b.shape, name
         assert_close(a, b)
     for name in ("entropy", "perplexity"):
         assert_close(getattr(ours, name)(), getattr(theirs, name)())
-    x = torch.randn(*x_batch, D, dtype=torch.float64)
     assert_close(ours.log_prob(x), theirs.log_prob(x))
     assert ours.support is theirs.support
     assert ours.arg_constraints == theirs.arg_constraints
@@ -42,8 +47,7 @@ def test_matches_torch(parametrization, shapes, assert_close):
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_samples_match_torch_for_the_same_seed(parametrization, assert_close):
-    loc = torch.randn(2, 1, D, dtype=torch.float64)
-    ours, theirs = make_pair(parametrization, loc, random_spd((3,), D))
+    ours, theirs = DENSE[parametrization].pair(DENSE[parametrization].random_params((3,), D, loc_batch_shape=(2, 1)))
     for method in ("sample", "rsample"):
         torch.manual_seed(1)
         a = getattr(ours, method)((5,))
@@ -83,8 +87,8 @@ def test_batched_equals_looped(parametrization, assert_close):
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_expand_keeps_type_and_values(parametrization, assert_close):
-    loc = torch.randn(3, D, dtype=torch.float64)
-    ours, theirs = make_pair(parametrization, loc, random_spd((), D))
+    ours, theirs = DENSE[parametrization].pair(DENSE[parametrization].random_params((), D, loc_batch_shape=(3,)))
+    assert ours.parametrization == parametrization
     big = ours.expand((5, 3))
     assert type(big) is JacobianMVN
     assert big.batch_shape == (5, 3)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import MATRICES, PARAMETRIZATIONS, SHAPE_GRID, SHAPE_IDS, grid_case, matrix_for, random_spd
+from helpers import DENSE, PARAMETRIZATIONS, SHAPE_GRID, SHAPE_IDS, grid_case, matrix_for, random_spd, vech_of_full
 from torch.distributions import MultivariateNormal
 from torch.func import hessian, vmap
 
@@ -13,7 +13,7 @@ from torch_mvn_ext import JacobianMVN
 D = 3
 K = D * (D + 1) // 2
 ROWS, COLS = torch.tril_indices(D, D)
-COORDINATES = ("loc",) + MATRICES
+COORDINATES = ("loc",) + PARAMETRIZATIONS
 
 
 def from_vech(theta, name):
@@ -22,12 +22,6 @@ def from_vech(theta, name):
     if name == "scale_tril":
         return m
     return m + m.tril(-1).mT
-
-
-def vech_gradient(g, name):
-    """The gradient in vech coordinates of a function whose full-form gradient is the symmetric ``g``."""
-    out = g[..., ROWS, COLS]
-    return out if name == "scale_tril" else out * torch.where(ROWS == COLS, 1.0, 2.0).to(g.dtype)
 
 
 def duplication_matrix(d, dtype):
@@ -67,10 +61,11 @@ def expected_hessian(loc, cov, name):
 @pytest.mark.parametrize("wrt", ("value", "loc"))
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_hessian_matches_torch_func(parametrization, wrt, shapes, assert_close):
-    loc, cov, x, d = grid_case(parametrization, shapes, D)
+    params, x = grid_case(DENSE[parametrization], shapes, D)
+    d = JacobianMVN(**params)
     S = torch.broadcast_shapes(x.shape[:-1], d.batch_shape)
-    xs, locs = x.expand(S + (D,)).reshape(-1, D), loc.expand(S + (D,)).reshape(-1, D)
-    mats = matrix_for(parametrization, cov).expand(S + (D, D)).reshape(-1, D, D)
+    xs, locs = x.expand(S + (D,)).reshape(-1, D), params["loc"].expand(S + (D,)).reshape(-1, D)
+    mats = params[parametrization].expand(S + (D, D)).reshape(-1, D, D)
 
     def log_prob(x, loc, m):
         return MultivariateNormal(loc, **{parametrization: m}, validate_args=False).log_prob(x)
@@ -96,7 +91,45 @@ def test_fisher_information_is_minus_the_expected_hessian(wrt, assert_close):
         assert_close(info, expected)
 
 
-@pytest.mark.parametrize("wrt", MATRICES)
+def _fisher_reference(wrt, cov):
+    r"""Dense float64 Fisher information in vech coordinates: :math:`\frac12 D^\top (M \otimes M) D` for the
+    symmetric matrices (:math:`M = P` for the covariance, :math:`\Sigma` for the precision), and for the scale_tril
+    the covariance's pulled back through the Jacobian of :math:`\mathrm{vech}(L) \mapsto \mathrm{vech}(L L^\top)`."""
+    d = cov.shape[-1]
+    prec = torch.linalg.inv(cov)
+    dup = duplication_matrix(d, torch.float64)
+
+    def sym(m):
+        return 0.5 * dup.mT @ torch.kron(m, m) @ dup
+
+    if wrt == "covariance_matrix":
+        return sym(prec)
+    if wrt == "precision_matrix":
+        return sym(cov)
+    rows, cols = torch.tril_indices(d, d)
+    L = torch.linalg.cholesky(cov)
+
+    def vech_sigma(v):
+        tril = torch.zeros(d, d, dtype=v.dtype).index_put((rows, cols), v)
+        s = tril @ tril.mT
+        return s[rows, cols]
+
+    jac = torch.func.jacrev(vech_sigma)(L[rows, cols])
+    return jac.mT @ sym(prec) @ jac
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("wrt", PARAMETRIZATIONS)
+def test_fisher_information_matches_dense_reference(wrt, parametrization, assert_close):
+    cov = random_spd((2,), 4)
+    d = JacobianMVN(torch.zeros(2, 4, dtype=torch.float64), **{parametrization: matrix_for(parametrization, cov)})
+    f = d.fisher_information(wrt)
+    assert f.shape == (2, 10, 10)
+    for i in range(2):
+        assert_close(f[i], _fisher_reference(wrt, cov[i]), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("wrt", PARAMETRIZATIONS)
 def test_fisher_information_is_the_score_covariance(wrt):
     """Seeded Monte Carlo: E[g g^T] of the per-sample vech scores, within 5 standard errors of each entry."""
     loc = torch.randn(D, dtype=torch.float64)
@@ -122,7 +155,7 @@ def test_symmetric_fisher_is_the_duplication_kronecker_form(wrt, assert_close):
 def test_fisher_information_layout_and_wrt_errors():
     d = JacobianMVN(torch.zeros(D, dtype=torch.float64), covariance_matrix=random_spd((), D))
     assert d.fisher_information("loc", layout="full").shape == (D, D)
-    for name in MATRICES:
+    for name in PARAMETRIZATIONS:
         with pytest.raises(ValueError, match="singular"):
             d.fisher_information(name, layout="full")
     with pytest.raises(ValueError, match="wrt must be one of 'loc'"):
@@ -160,7 +193,7 @@ def test_natural_gradient_solves_the_fisher_system(parametrization, name, assert
             else:
                 m = cov[j] if name == "precision_matrix" else torch.linalg.inv(cov[j])
                 info = 0.5 * dup.T @ torch.kron(m, m) @ dup
-            expected = torch.linalg.solve(info, vech_gradient(g[i, 0], name))
+            expected = torch.linalg.solve(info, vech_of_full(g[i, 0], name))
             assert_close(nat[i, j][ROWS, COLS], expected)
             if name == "scale_tril":
                 assert (nat[i, j].triu(1) == 0).all()

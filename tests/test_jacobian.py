@@ -1,35 +1,30 @@
-"""jacobian() and log_prob_and_grads() against per-sample autograd through torch's MultivariateNormal."""
+"""jacobian() and log_prob_and_grads() against per-sample autograd through torch's class, for every structure of
+``helpers.STRUCTURES``, and the dense structure's vech layout."""
 
 import pytest
 import torch
-from helpers import MATRICES, PARAMETRIZATIONS, SHAPE_GRID, SHAPE_IDS, WRT, grid_case, matrix_for, random_spd
+from helpers import (
+    DENSE,
+    PARAMETRIZATIONS,
+    SHAPE_GRID,
+    SHAPE_IDS,
+    STRUCTURE_LAYOUTS,
+    STRUCTURE_WRT,
+    WRT,
+    grid_case,
+    matrix_for,
+    random_spd,
+    vech_of_full,
+)
 from torch.distributions import MultivariateNormal
-from torch.func import grad, vmap
 
 from torch_mvn_ext import JacobianMVN
 
 D = 3
 
 
-def reference_jacobian(loc, cov, x, wrt):
-    """Per-sample gradients by torch.func.vmap(grad) through torch's MVN parametrized by ``wrt``'s matrix."""
-    shape = torch.broadcast_shapes(x.shape[:-1], loc.shape[:-1], cov.shape[:-2])
-    xs = x.expand(shape + (D,)).reshape(-1, D)
-    locs = loc.expand(shape + (D,)).reshape(-1, D)
-    matrix_name = wrt if wrt in MATRICES else "covariance_matrix"
-    mats = matrix_for(matrix_name, cov).expand(shape + (D, D)).reshape(-1, D, D)
-
-    def log_prob(x, loc, m):
-        return MultivariateNormal(loc, **{matrix_name: m}, validate_args=False).log_prob(x)
-
-    argnum = {"value": 0, "loc": 1}.get(wrt, 2)
-    out = vmap(grad(log_prob, argnums=argnum))(xs, locs, mats)
-    return out.reshape(shape + out.shape[1:])
-
-
-def vech_by_finite_differences(loc, cov, x, wrt, h=1e-6):
-    """Central differences of log_prob w.r.t. each unique element of ``wrt``'s matrix."""
-    m = matrix_for(wrt, cov)
+def vech_by_finite_differences(loc, m, x, wrt, h=1e-6):
+    """Central differences of log_prob w.r.t. each unique element of ``wrt``'s matrix ``m``."""
     rows, cols = torch.tril_indices(D, D)
     columns = []
     for i, j in zip(rows.tolist(), cols.tolist()):
@@ -44,35 +39,35 @@ def vech_by_finite_differences(loc, cov, x, wrt, h=1e-6):
 
 
 @pytest.mark.parametrize("shapes", SHAPE_GRID, ids=SHAPE_IDS)
-@pytest.mark.parametrize("wrt", WRT)
-@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-def test_full_layout_matches_per_sample_autograd(parametrization, wrt, shapes, assert_close):
-    loc, cov, x, d = grid_case(parametrization, shapes, D)
+@pytest.mark.parametrize("structure, wrt", STRUCTURE_WRT)
+def test_full_layout_matches_per_sample_autograd(structure, wrt, shapes, assert_close):
+    params, x = grid_case(structure, shapes, D)
+    d = structure.ours(**params)
     jac = d.jacobian(x, wrt)
-    expected = reference_jacobian(loc, cov, x, wrt)
     S = torch.broadcast_shapes(x.shape[:-1], d.batch_shape)
-    assert jac.shape == S + ((D,) if wrt in ("value", "loc") else (D, D))
-    assert_close(jac, expected)
+    assert jac.shape == S + structure.event_shape(params, wrt)
+    assert_close(jac, structure.per_sample_grad(x, params, wrt))
 
 
 @pytest.mark.parametrize("shapes", SHAPE_GRID[:6], ids=SHAPE_IDS[:6])
-@pytest.mark.parametrize("wrt", MATRICES)
+@pytest.mark.parametrize("wrt", PARAMETRIZATIONS)
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_vech_layout_matches_finite_differences(parametrization, wrt, shapes):
-    loc, cov, x, d = grid_case(parametrization, shapes, D)
+    structure = DENSE[parametrization]
+    params, x = grid_case(structure, shapes, D)
+    d = structure.ours(**params)
     jac = d.jacobian(x, wrt, layout="vech")
     assert jac.shape == d.log_prob(x).shape + (D * (D + 1) // 2,)
-    torch.testing.assert_close(jac, vech_by_finite_differences(loc, cov, x, wrt), rtol=1e-6, atol=1e-7)
+    m = structure.reparametrize(params, wrt)[wrt]
+    torch.testing.assert_close(jac, vech_by_finite_differences(params["loc"], m, x, wrt), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("wrt", MATRICES)
+@pytest.mark.parametrize("wrt", PARAMETRIZATIONS)
 def test_vech_is_the_lower_triangle_of_full(wrt, assert_close):
     d = JacobianMVN(torch.randn(2, D, dtype=torch.float64), covariance_matrix=random_spd((2,), D))
     x = torch.randn(5, 2, D, dtype=torch.float64)
     full = d.jacobian(x, wrt)
-    rows, cols = torch.tril_indices(D, D)
-    weight = 1.0 if wrt == "scale_tril" else torch.where(rows == cols, 1.0, 2.0).double()
-    assert_close(d.jacobian(x, wrt, layout="vech"), full[..., rows, cols] * weight)
+    assert_close(d.jacobian(x, wrt, layout="vech"), vech_of_full(full, wrt))
     if wrt == "scale_tril":
         assert (full.triu(1) == 0).all()
     else:
@@ -88,19 +83,17 @@ def test_tuple_wrt_returns_a_dict_and_layout_is_ignored_for_vectors(assert_close
     assert_close(out["scale_tril"], d.jacobian(x, "scale_tril", layout="vech"))
 
 
-@pytest.mark.parametrize("layout", ["full", "vech"])
-@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-def test_log_prob_and_grads_none_equals_jacobian(parametrization, layout, assert_close):
-    loc = torch.randn(2, 1, D, dtype=torch.float64)
-    d = JacobianMVN(loc, **{parametrization: matrix_for(parametrization, random_spd((3,), D))})
+@pytest.mark.parametrize("structure, layout", STRUCTURE_LAYOUTS)
+def test_log_prob_and_grads_none_equals_jacobian(structure, layout, assert_close):
+    d = structure.ours(**structure.random_params((3,), D, loc_batch_shape=(2, 1)))
     x = torch.randn(4, 2, 3, D, dtype=torch.float64)
     lp, grads = d.log_prob_and_grads(x, layout=layout)
-    assert list(grads) == ["value", "loc", parametrization]
+    assert list(grads) == ["value", "loc", *structure.params]
     assert_close(lp, d.log_prob(x))
     for name, g in grads.items():
         assert_close(g, d.jacobian(x, name, layout=layout))
-    _, all_grads = d.log_prob_and_grads(x, WRT, layout=layout)
-    assert list(all_grads) == list(WRT)
+    _, all_grads = d.log_prob_and_grads(x, structure.wrt, layout=layout)
+    assert list(all_grads) == list(structure.wrt)
 
 
 SUM_CASES = [
@@ -114,31 +107,25 @@ SUM_CASES = [
 
 
 @pytest.mark.parametrize("case", SUM_CASES, ids=[str(c) for c in SUM_CASES])
-@pytest.mark.parametrize("layout", ["full", "vech"])
-@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-def test_sum_reduction_matches_autograd(parametrization, layout, case, assert_close):
-    loc_shape, mat_batch, x_shape = case
-    loc = torch.randn(loc_shape, dtype=torch.float64, requires_grad=True)
-    cov = random_spd(mat_batch, D)
-    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
-    d = JacobianMVN(loc.detach(), **{parametrization: matrix_for(parametrization, cov)})
-    lp, grads = d.log_prob_and_grads(x.detach(), WRT, reduction="sum", layout=layout)
-    for name in WRT:
-        if name in MATRICES:
-            # The tensor the user passed for the parametrization; the batch_shape matrix for the others.
-            m = matrix_for(name, cov)
-            if name != parametrization:
-                m = m.expand(d.batch_shape + (D, D))
-            m = m.clone().requires_grad_()
-            ref_lp = MultivariateNormal(loc, **{name: m}).log_prob(x)
-            expected = torch.autograd.grad(ref_lp.sum(), m)[0]
-            if layout == "vech":
-                rows, cols = torch.tril_indices(D, D)
-                weight = 1.0 if name == "scale_tril" else torch.where(rows == cols, 1.0, 2.0).double()
-                expected = expected[..., rows, cols] * weight
-        else:
-            ref_lp = MultivariateNormal(loc, covariance_matrix=cov).log_prob(x)
-            expected = torch.autograd.grad(ref_lp.sum(), {"value": x, "loc": loc}[name])[0]
+@pytest.mark.parametrize("structure, layout", STRUCTURE_LAYOUTS)
+def test_sum_reduction_matches_autograd(structure, layout, case, assert_close):
+    loc_shape, batch, x_shape = case
+    params = structure.random_params(batch, D, loc_batch_shape=loc_shape[:-1])
+    x = torch.randn(x_shape, dtype=torch.float64)
+    d = structure.ours(**params)
+    lp, grads = d.log_prob_and_grads(x, structure.wrt, reduction="sum", layout=layout)
+    for name in structure.wrt:
+        # The tensors the user passed; for a wrt the constructor does not take, its batch_shape tensor.
+        leaves = {k: v.clone() for k, v in structure.reparametrize(params, name).items()}
+        if name not in params and name != "value":
+            leaves[name] = leaves[name].expand(d.batch_shape + structure.event_shape(params, name)).clone()
+        leaves["value"] = x.clone()
+        for t in leaves.values():
+            t.requires_grad_()
+        value = leaves.pop("value")
+        ref_lp = structure.reference(**leaves).log_prob(value)
+        (expected,) = torch.autograd.grad(ref_lp.sum(), value if name == "value" else leaves[name])
+        expected = structure.layouts[layout](expected, name)
         assert grads[name].shape == expected.shape, name
         assert_close(grads[name], expected, msg=name)
     assert_close(lp, ref_lp.detach())
@@ -193,3 +180,50 @@ def test_float32_jacobians_match_float64_reference():
     d32 = JacobianMVN(loc.float(), covariance_matrix=cov.float())
     for wrt in WRT:
         torch.testing.assert_close(d32.jacobian(x.float(), wrt), d64.jacobian(x, wrt).float(), rtol=1e-4, atol=1e-5)
+
+
+# Per-sample matrix Jacobians of parameters that require grad (an nn.Parameter in a training loop), and under vmap.
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("wrt", PARAMETRIZATIONS)
+@pytest.mark.parametrize("layout", ["full", "vech"])
+def test_matrix_jacobian_of_parameters_that_require_grad(parametrization, wrt, layout, assert_close):
+    """The result equals the one without grad and is differentiable: the gradient of a function of it w.r.t. ``loc``
+    and the matrix equals autograd's through per-sample ``torch.func`` Jacobians of torch's MVN."""
+    loc = torch.randn(D, dtype=torch.float64, requires_grad=True)
+    m = matrix_for(parametrization, random_spd((), D)).requires_grad_()
+    x = torch.randn(5, D, dtype=torch.float64)
+    ours = JacobianMVN(loc, **{parametrization: m}).jacobian(x, wrt, layout=layout)
+    with torch.no_grad():
+        plain = JacobianMVN(loc, **{parametrization: m}).jacobian(x, wrt, layout=layout)
+    assert_close(ours, plain)
+
+    def reference(loc, m):  # d log p / d wrt per sample, through torch's MVN parametrized by wrt, full layout
+        return DENSE[parametrization].per_sample_grad(x, {"loc": loc, parametrization: m}, wrt)
+
+    full = ours if layout == "full" else None
+    if full is not None:
+        assert_close(full, reference(loc, m).detach())
+    weights = torch.randn(ours.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((ours * weights).sum(), (loc, m))
+    if layout == "full":
+        expected = torch.autograd.grad((reference(loc, m) * weights).sum(), (loc, m))
+        assert_close(grads[0], expected[0])
+        # Gradients w.r.t. the matrix agree on the perturbations it admits: symmetric ones (the two routes split an
+        # off-diagonal pair between (i, j) and (j, i) differently) or, for scale_tril, lower-triangular ones.
+        if parametrization == "scale_tril":
+            assert_close(grads[1].tril(), expected[1].tril())
+        else:
+            assert_close(grads[1] + grads[1].mT, expected[1] + expected[1].mT)
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("wrt", PARAMETRIZATIONS)
+@pytest.mark.parametrize("layout", ["full", "vech"])
+def test_matrix_jacobian_under_vmap(parametrization, wrt, layout, assert_close):
+    m = matrix_for(parametrization, random_spd((), D))
+    dist_ = JacobianMVN(torch.randn(D, dtype=torch.float64), **{parametrization: m})
+    x = torch.randn(6, D, dtype=torch.float64)
+    batched = torch.func.vmap(lambda xi: dist_.jacobian(xi, wrt, layout=layout))(x)
+    assert_close(batched, dist_.jacobian(x, wrt, layout=layout))

@@ -81,10 +81,14 @@ def test_matches_torch_kl(p_kind, q_kind, assert_close):
     assert_close(ours, theirs)
 
 
-@pytest.mark.parametrize("p_type, q_type", [
-    *itertools.product((JacobianMVN,), (JacobianMVN,) + OTHER_TYPES),
-    *itertools.product(OTHER_TYPES, (JacobianMVN,)),
-], ids=lambda t: f"{t.__module__.split('.')[0]}.{t.__name__}")
+@pytest.mark.parametrize(
+    "p_type, q_type",
+    [
+        *itertools.product((JacobianMVN,), (JacobianMVN,) + OTHER_TYPES),
+        *itertools.product(OTHER_TYPES, (JacobianMVN,)),
+    ],
+    ids=lambda t: f"{t.__module__.split('.')[0]}.{t.__name__}",
+)
 def test_dispatch_is_unambiguous_and_ours(p_type, q_type):
     """torch's dispatcher picks one of our rules for every type pair, Pyro's subclasses included, without its
     "Ambiguous kl_divergence" RuntimeWarning (an error here, as every warning is)."""
@@ -99,13 +103,15 @@ def test_batched_equals_looped(p_kind, q_kind, assert_close):
     p_params, q_params = random_params(p_kind, p_batch, D), random_params(q_kind, q_batch, D)
     batched = kl_divergence(build(p_kind, p_params), build(q_kind, q_params))
     assert batched.shape == batch_shape
-    looped = torch.stack([
-        kl_divergence(
-            build(p_kind, index_params(p_params, batch_shape, i), validate_args=False),
-            build(q_kind, index_params(q_params, batch_shape, i), validate_args=False),
-        )
-        for i in itertools.product(*map(range, batch_shape))
-    ]).reshape(batch_shape)
+    looped = torch.stack(
+        [
+            kl_divergence(
+                build(p_kind, index_params(p_params, batch_shape, i), validate_args=False),
+                build(q_kind, index_params(q_params, batch_shape, i), validate_args=False),
+            )
+            for i in itertools.product(*map(range, batch_shape))
+        ]
+    ).reshape(batch_shape)
     assert_close(batched, looped)
 
 
@@ -171,10 +177,14 @@ def test_batch_mismatch_names_both_shapes():
         kl_divergence(p, q)
 
 
-@pytest.mark.parametrize("base, ndims", [
-    (lambda: torch.distributions.Laplace(torch.zeros(D), torch.ones(D)), 1),
-    (lambda: Normal(torch.zeros(2, D), torch.ones(2, D)), 2),
-], ids=["Laplace-1", "Normal-2"])
+@pytest.mark.parametrize(
+    "base, ndims",
+    [
+        (lambda: torch.distributions.Laplace(torch.zeros(D), torch.ones(D)), 1),
+        (lambda: Normal(torch.zeros(2, D), torch.ones(2, D)), 2),
+    ],
+    ids=["Laplace-1", "Normal-2"],
+)
 def test_other_independent_bases_are_not_implemented(base, ndims):
     ours = JacobianMVN(torch.zeros(D), covariance_matrix=torch.eye(D))
     independent = Independent(base(), ndims)

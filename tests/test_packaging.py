@@ -113,7 +113,10 @@ def test_installed_wheel_imports_outside_the_source_tree(wheel, tmp_path):
     # for this one and install nothing.
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True, env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     ).stdout.strip()
     running = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]])
     (pathlib.Path(purelib) / "running_env.pth").write_text("\n".join(running) + "\n")

@@ -1,7 +1,7 @@
 """Property-based invariants over random shapes, parametrizations and well-conditioned matrices (hypothesis)."""
 
 import torch
-from helpers import PARAMETRIZATIONS, WRT, matrix_for
+from helpers import DENSE, PARAMETRIZATIONS, WRT, matrix_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.distributions import MultivariateNormal, kl_divergence
@@ -22,7 +22,7 @@ def random_spd(generator, batch_shape, d, condition):
     """SPD matrices with eigenvalues log-uniform in ``[1, condition]`` and random eigenvectors."""
     q, _ = torch.linalg.qr(torch.randn(*batch_shape, d, d, dtype=torch.float64, generator=generator))
     u = torch.rand(*batch_shape, d, dtype=torch.float64, generator=generator)
-    m = (q * condition**u.unsqueeze(-2)) @ q.mT
+    m = (q * condition ** u.unsqueeze(-2)) @ q.mT
     return (m + m.mT) / 2
 
 
@@ -70,18 +70,12 @@ def test_log_prob_agrees_across_parametrizations_and_with_torch(problem):
 @given(problems(), st.sampled_from(WRT))
 def test_jacobian_agrees_with_autograd(problem, wrt):
     """Element ``[s]`` of ``jacobian`` is the gradient of ``log_prob(value)[s]`` w.r.t. its own batch member's
-    parameter: with every argument expanded to the full shape ``S``, that is autograd's gradient of the sum
-    through torch's MVN parametrized by ``wrt``'s matrix."""
+    parameter: the per-sample ``vmap(grad)`` through torch's MVN parametrized by ``wrt``'s matrix."""
     loc, cov, value, parametrization = problem
-    d = build(parametrization, loc, cov)
-    n = loc.shape[-1]
-    S = torch.broadcast_shapes(value.shape[:-1], d.batch_shape)
-    matrix_name = wrt if wrt in PARAMETRIZATIONS else "covariance_matrix"
-    x = value.expand(S + (n,)).clone().requires_grad_()
-    m = loc.expand(S + (n,)).clone().requires_grad_()
-    a = matrix_for(matrix_name, cov).expand(S + (n, n)).clone().requires_grad_()
-    lp = MultivariateNormal(m, **{matrix_name: a}, validate_args=False).log_prob(x).sum()
-    expected = torch.autograd.grad(lp, {"value": x, "loc": m}.get(wrt, a))[0]
+    structure = DENSE[parametrization]
+    params = {"loc": loc, parametrization: matrix_for(parametrization, cov)}
+    d = structure.ours(**params)
+    expected = structure.per_sample_grad(value, params, wrt)
     torch.testing.assert_close(d.jacobian(value, wrt), expected, **TOL)
     _, grads = d.log_prob_and_grads(value, (wrt,))
     torch.testing.assert_close(grads[wrt], expected, **TOL)

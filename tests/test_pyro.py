@@ -24,13 +24,13 @@ ELBOS = {
     "JitTrace_ELBO": lambda: JitTrace_ELBO(max_plate_nesting=1),
 }
 
+
 @pytest.fixture(autouse=True)
 def param_store():
     """Pyro's param store is global: every test starts and ends with an empty one."""
     pyro.clear_param_store()
     yield
     pyro.clear_param_store()
-
 
 
 def loss_and_grads(elbo, model, guide, *args):
@@ -61,8 +61,12 @@ def test_sample_site_shapes_and_methods(assert_close):
     x = ours()
     pyro.set_rng_seed(0)
     assert_close(x, theirs())
-    for make in (lambda d: d.expand_by([5]), lambda d: d.to_event(1), lambda d: d.expand_by([2, 1]).to_event(2),
-                 lambda d: d.mask(torch.tensor([True, False, True, True]))):
+    for make in (
+        lambda d: d.expand_by([5]),
+        lambda d: d.to_event(1),
+        lambda d: d.expand_by([2, 1]).to_event(2),
+        lambda d: d.mask(torch.tensor([True, False, True, True])),
+    ):
         a, b = make(ours), make(theirs)
         (wrappers, base), (ref_wrappers, ref_base) = _layers(a), _layers(b)
         assert wrappers == ref_wrappers and type(base) is JacobianMVN and type(ref_base) is dist.MultivariateNormal
@@ -164,9 +168,15 @@ def test_elbo_and_gradients_match_pyro(elbo, likelihood, assert_close):
         assert_close(grads[name], ref_grads[name])
 
 
-@pytest.mark.parametrize("guide_mvn,model_mvn", [
-    (JacobianMVN, JacobianMVN), (JacobianMVN, dist.MultivariateNormal), (dist.MultivariateNormal, JacobianMVN),
-], ids=["ours-ours", "ours-pyro", "pyro-ours"])
+@pytest.mark.parametrize(
+    "guide_mvn,model_mvn",
+    [
+        (JacobianMVN, JacobianMVN),
+        (JacobianMVN, dist.MultivariateNormal),
+        (dist.MultivariateNormal, JacobianMVN),
+    ],
+    ids=["ours-ours", "ours-pyro", "pyro-ours"],
+)
 def test_mean_field_elbo_uses_the_analytic_kl(guide_mvn, model_mvn, assert_close):
     r"""TraceMeanField_ELBO's loss is :math:`-\log p(x \mid \mu_s) + KL(q \| p)` with the closed-form KL.
 
@@ -181,8 +191,13 @@ def test_mean_field_elbo_uses_the_analytic_kl(guide_mvn, model_mvn, assert_close
     loss = TraceMeanField_ELBO(max_plate_nesting=1).loss(problem.model(model_mvn), guide, problem.data)
     # Dense closed form of KL(q || prior), independent of any registered KL.
     Sq, S0, m = q.covariance_matrix.detach(), problem.prior_cov, q.loc.detach() - problem.prior_loc
-    kl = 0.5 * (torch.trace(torch.linalg.solve(S0, Sq)) + m @ torch.linalg.solve(S0, m) - D
-                + torch.logdet(S0) - torch.logdet(Sq))
+    kl = 0.5 * (
+        torch.trace(torch.linalg.solve(S0, Sq))
+        + m @ torch.linalg.solve(S0, m)
+        - D
+        + torch.logdet(S0)
+        - torch.logdet(Sq)
+    )
     mu = guide_trace.nodes["mu"]["value"].detach()
     log_lik = torch.distributions.MultivariateNormal(mu, problem.noise_cov).log_prob(problem.data).sum()
     assert_close(torch.tensor(loss, dtype=torch.float64), kl - log_lik)
@@ -191,11 +206,14 @@ def test_mean_field_elbo_uses_the_analytic_kl(guide_mvn, model_mvn, assert_close
     assert (monte_carlo_kl - kl).abs() > 1e-3
 
 
-@pytest.mark.parametrize("matrix_name,constraint", [
-    ("scale_tril", constraints.lower_cholesky),
-    ("covariance_matrix", constraints.positive_definite),
-    ("precision_matrix", constraints.positive_definite),
-])
+@pytest.mark.parametrize(
+    "matrix_name,constraint",
+    [
+        ("scale_tril", constraints.lower_cholesky),
+        ("covariance_matrix", constraints.positive_definite),
+        ("precision_matrix", constraints.positive_definite),
+    ],
+)
 def test_constrained_matrix_params_train(matrix_name, constraint, assert_close):
     """A constrained matrix param in the param store: same loss, same gradient, and a step keeps it valid."""
     problem = ConjugateGaussian(d=D)

@@ -23,13 +23,13 @@ JIT_DEPRECATION = "ignore:`torch.jit.trace` is deprecated:DeprecationWarning"
 SVI_STEPS = 500
 NUM_SAMPLES, WARMUP = 200, 100
 
+
 @pytest.fixture(autouse=True)
 def param_store():
     """Pyro's param store is global: every test starts and ends with an empty one."""
     pyro.clear_param_store()
     yield
     pyro.clear_param_store()
-
 
 
 def standardized_errors(mean, cov, exact_mean, exact_cov):
