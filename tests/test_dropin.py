@@ -6,9 +6,7 @@ Every number is checked against torch's or Pyro's ``MultivariateNormal`` run thr
 ``torch.func`` or a dense float64 formula.
 """
 
-import importlib.util
 import math
-import pathlib
 import resource
 import time
 import warnings
@@ -21,6 +19,7 @@ from helpers import PARAMETRIZATIONS, WRT, matrix_for, random_spd
 from pyro.contrib.forecast import Forecaster, ForecastingModel
 from pyro.distributions.hmm import GammaGaussianHMM, GaussianHMM, LinearHMM
 from pyro.ops.gaussian import mvn_to_gaussian
+from timing import peak_bytes  # benchmarks/timing.py: peak memory as the benchmark measures it
 from torch.distributions import MultivariateNormal
 
 from torch_mvn_ext import JacobianMVN
@@ -506,15 +505,6 @@ def _fisher_reference(wrt, cov):
 
     jac = torch.func.jacrev(vech_sigma)(L[rows, cols])
     return jac.mT @ sym(prec) @ jac
-
-
-def peak_bytes(fn):
-    """Peak bytes of torch tensors held at once during one call of ``fn``, as ``benchmarks/run.py`` measures it."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_run", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.peak_bytes(fn)
 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
