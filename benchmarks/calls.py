@@ -4,8 +4,8 @@
   ``torch.autograd.grad``, validated and not (the ``lpg`` and ``many_small_lpg`` cases, which differ in their inputs
   and floors);
 * ``vmap_grad``: the per-sample gradient of ``log_prob`` w.r.t. a parameter through a torch distribution class, by
-  ``torch.func.vmap(grad)``: the oracle that the per-sample Jacobians are timed against (``jac_*``, ``memory``) and
-  checked against (``accuracy.py``, ``accuracy_small.py``).
+  ``torch.func.vmap(grad)``: the oracle that the per-sample Jacobians are timed against (``jac_*``, ``memory``,
+  ``lowrank_jac``) and checked against (``accuracy.py``, ``accuracy_small.py``).
 """
 
 import torch

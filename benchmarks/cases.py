@@ -26,17 +26,24 @@ floor (``floors.py``; ``many_small.py`` for its cases). Cases (``--cases``):
 * ``memory``: peak memory of ``jacobian(x, "scale_tril")`` and ``jacobian(x, "covariance_matrix")`` and of
   ``vmap(grad)`` for the same, as a multiple of the size of the ``N x d x d`` output;
 * ``many_small_log_prob``, ``many_small_rsample``, ``many_small_lpg``: B Gaussians, each with its own small matrix
-  (``many_small.py``), at ``--many-small-sizes``.
+  (``many_small.py``), at ``--many-small-sizes``;
+* ``lowrank_lpg``: ``JacobianLowRankMVN(loc, cov_factor, cov_diag).log_prob_and_grads(x, reduction="sum")`` vs
+  torch's ``LowRankMultivariateNormal(...).log_prob(x).sum()`` + ``torch.autograd.grad`` w.r.t. ``x``, ``loc``,
+  ``cov_factor`` and ``cov_diag``, validated and not, and ``lowrank_jac``: the per-sample
+  ``jacobian(x, "cov_factor")`` vs ``vmap(grad)`` through torch's class and, where ``N d k <=
+  --lowrank-autograd-max``, ``torch.autograd.functional.jacobian``; at ``--lowrank-sizes`` (``lowrank.py``), and
+  skipped, with a note, by a library without ``JacobianLowRankMVN``.
 
 ``svi``, ``nuts`` and ``memory`` run on the CPU only and are skipped, with a note, on another device.
 
 Adding a case is adding one ``Case`` to ``REGISTRY``: its name, family, builder (in the module of its kind:
-``builders.py``, ``many_small.py``), and where needed its inputs, sizes, skip rules, targets and
+``builders.py``, ``many_small.py``, ``lowrank.py``), and where needed its inputs, sizes, skip rules, targets and
 options (``registry.py`` describes each); ``run.py``, the report and the pictures read everything from the entry.
 """
 
 import builders
 import floors
+import lowrank
 import many_small
 from registry import (
     Case,
@@ -59,6 +66,9 @@ COMPILED = Family("compiled", "`torch.compile` (`compiled`)")
 OUT_BUFFER = Family("out_buffer", "A reused output buffer, `out=` (`out_buffer`)")
 PYRO = Family("pyro", "Pyro: an SVI step and a NUTS run (`svi`, `nuts`)")
 MANY_SMALL = Family("many_small", "Many small Gaussians, one matrix per member, B members (`many_small_*`; N is B)")
+LOWRANK = Family(
+    "lowrank", "Low-rank covariance against `LowRankMultivariateNormal` (`lowrank_lpg`, `lowrank_jac`)", x="d"
+)
 
 # Skip rules and options of several cases.
 # vmap(grad) materializes N x d x d tensors (per-sample copies of the matrix) for every Jacobian, loc included.
@@ -70,6 +80,14 @@ SMALL_SIZES = Option(
     "dxB points of the many_small cases (default d in 1 2 3 4 6 8, B in 1e3 1e5 1e6; quick 2x1e5 3x1e5)",
     default=many_small.SIZES,
     quick=many_small.QUICK_SIZES,
+    nargs="+",
+)
+NO_LOWRANK = requires(lowrank.has_class, "torch_mvn_ext has no JacobianLowRankMVN in this version of the library")
+LOWRANK_SIZES = Option(
+    "--lowrank-sizes",
+    "dxkxN points of the lowrank cases (default d in 64 1024 4096, k in 4 16 64, N 256; quick 1024x16x256)",
+    default=lowrank.SIZES,
+    quick=lowrank.QUICK_SIZES,
     nargs="+",
 )
 
@@ -213,6 +231,31 @@ REGISTRY = {
             skip=(SMALL_BYTES,),
             targets=small_targets(5.0),
             options=(SMALL_SIZES,),
+        ),
+        Case(
+            "lowrank_lpg",
+            LOWRANK,
+            lowrank.lpg,
+            inputs=lowrank.make_inputs,
+            sizes=sizes_option("lowrank_sizes"),
+            size_names=("d", "k", "N"),
+            skip=(NO_LOWRANK,),
+            targets=(speedup("torch", (1024, 16, 256), 1.1),),
+            options=(LOWRANK_SIZES,),
+        ),
+        Case(
+            "lowrank_jac",
+            LOWRANK,
+            lowrank.jacobian,
+            inputs=lowrank.make_inputs,
+            sizes=sizes_option("lowrank_sizes"),
+            size_names=("d", "k", "N"),
+            skip=(NO_LOWRANK, over_bytes(lambda d, k, n: n * d * k, "N x d x k tensors over --max-matrix-bytes")),
+            targets=(speedup("vmap_grad", (1024, 16, 256), 8.0),),
+            options=(
+                LOWRANK_SIZES,
+                Option("--lowrank-autograd-max", "largest N*d*k for lowrank_jac's autograd baseline", 2**20, type=int),
+            ),
         ),
     ]
 }

@@ -22,8 +22,8 @@ Usage::
 Results go to ``benchmarks/results/``, or to ``--out``: ``results.json``, ``results.md``, ``results.rst`` and, if
 matplotlib is installed, ``plots/<family>.png``, one picture per family of cases (``lpg``; the ``jac_*`` cases;
 ``precision``; ``autograd`` and ``autograd_tril``; ``compiled``; ``out_buffer``; ``svi`` and ``nuts``; the
-``many_small_*`` cases) with a panel per case and baseline (the speedup) and per case with a floor
-(``library / floor``), against ``N``.
+``many_small_*`` cases; the ``lowrank_*`` cases) with a panel per case and baseline (the speedup) and per case with a
+floor (``library / floor``), against ``N`` (``d`` for the ``lowrank_*`` cases).
 ``--docs`` also writes the report into the reference: ``docs/benchmark_results.rst``, which ``docs/performance.rst``
 includes, with the pictures in ``docs/benchmark_plots/``; it is how that page is regenerated.
 """

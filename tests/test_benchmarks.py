@@ -20,6 +20,7 @@ import registry
 import solve_routes
 import torch
 
+import torch_mvn_ext
 from torch_mvn_ext import JacobianMVN, _factor
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
@@ -27,6 +28,7 @@ MANY_SMALL = ["many_small_log_prob", "many_small_rsample", "many_small_lpg"]
 FLOOR_CASES = ["lpg", "jac_loc", "jac_scale_tril", "jac_cov", "precision", "autograd", "autograd_tril"]
 CASES = FLOOR_CASES + ["svi", "nuts"]
 HAS_OUT = "out" in inspect.signature(JacobianMVN.jacobian).parameters
+HAS_LOWRANK = hasattr(torch_mvn_ext, "JacobianLowRankMVN")
 
 
 def run_script(tmp_path, args, timeout, plot=False):
@@ -150,6 +152,31 @@ def test_docs_without_pictures_is_refused_before_running(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_lowrank_cases_at_a_tiny_size(tmp_path):
+    """The low-rank cases (sizes d x k x N) are skipped, with a note, by a library without ``JacobianLowRankMVN``; with
+    it, every baseline agrees with ours."""
+    args = ["--cases", "lowrank_lpg", "lowrank_jac", "--lowrank-sizes", "8x2x4", "--dtypes", "float32", "float64"]
+    stdout, report = run_script(tmp_path, args, timeout=120)
+    rows = report["results"]
+    if not HAS_LOWRANK:
+        assert rows == []
+        for case in ("lowrank_lpg", "lowrank_jac"):
+            assert f"{case:15s} skipped: torch_mvn_ext has no JacobianLowRankMVN" in stdout
+            assert any(reason.startswith(f"{case}: ") for reason in report["skipped"])
+        return
+    assert {(r["case"], r["baseline"], r["d"], r["k"], r["N"]) for r in rows} == {
+        (case, baseline, 8, 2, 4)
+        for case, baseline in (
+            ("lowrank_lpg", "torch"),
+            ("lowrank_lpg", "torch_noval"),
+            ("lowrank_jac", "vmap_grad"),
+            ("lowrank_jac", "functional_jacobian"),
+        )
+    }
+    for r in rows:
+        check_agreement(r)
+
+
 def test_registry_entries_fit_together():
     """Each family's cases share their sizes' names (``registry.sections`` raises otherwise), each target names a
     size of its case's shape, and an option read by several cases is defined alike by each."""
@@ -163,11 +190,12 @@ def test_registry_entries_fit_together():
         "out_buffer",
         "pyro",
         "many_small",
+        "lowrank",
     ]
     for case in cases.REGISTRY.values():
         assert all(len(target.size) == len(case.size_names) for target in case.targets), case.name
     flags = [option.flag for option in registry.options(cases.REGISTRY)]  # raises if two cases define one otherwise
-    assert {"--compiled-sizes", "--many-small-sizes", "--pyro-max-n"} <= set(flags)
+    assert {"--compiled-sizes", "--many-small-sizes", "--lowrank-sizes", "--pyro-max-n"} <= set(flags)
 
 
 def test_many_small_cases_at_tiny_sizes(tmp_path):
