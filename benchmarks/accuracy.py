@@ -41,13 +41,13 @@ import numpy as np
 import scipy.linalg
 import torch
 from torch.distributions import MultivariateNormal, kl_divergence
-from torch.func import grad, vmap
 
 from torch_mvn_ext import JacobianMVN
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # the sibling module, also when imported by path
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 import accuracy_small  # noqa: E402
+from calls import vmap_grad  # noqa: E402
 
 PARAMETRIZATIONS = ("covariance_matrix", "precision_matrix", "scale_tril")
 QUANTITIES = ("log_prob", "value") + PARAMETRIZATIONS + ("KL",)
@@ -200,7 +200,7 @@ def torch_results(parametrization, matrix, loc, points):
     lp = log_prob(x, matrix)
     # d log_prob / d value of every sample at once, as a torch user gets it; the matrix needs vmap.
     (value,) = torch.autograd.grad(lp.sum(), x)
-    per_sample = vmap(grad(log_prob, argnums=1), in_dims=(0, None))(points, matrix)
+    per_sample = vmap_grad(MultivariateNormal, {"loc": loc, parametrization: matrix}, parametrization, points)
     return {"log_prob": lp.detach(), "value": value, parametrization: per_sample}
 
 

@@ -13,8 +13,8 @@ import math
 
 import numpy as np
 import torch
+from calls import vmap_grad
 from torch.distributions import MultivariateNormal
-from torch.func import grad, vmap
 
 from torch_mvn_ext import JacobianMVN
 
@@ -96,14 +96,13 @@ def measure(b, d, condition, dtype, seed):
     theirs = MultivariateNormal(loc, cov, validate_args=False)
     xs = x.clone().requires_grad_()
     (torch_value,) = torch.autograd.grad(theirs.log_prob(xs).sum(), xs)
-
-    def torch_log_prob(c, mean, value):
-        return MultivariateNormal(mean, c, validate_args=False).log_prob(value)
+    params = {"loc": loc, "covariance_matrix": cov}
+    torch_cov = vmap_grad(MultivariateNormal, params, "covariance_matrix", x, batched=True)
 
     results = {
         "log_prob": (ours.log_prob(x), theirs.log_prob(x)),
         "value": (ours.jacobian(x, "value"), torch_value),
-        "covariance_matrix": (ours.jacobian(x, "covariance_matrix"), vmap(grad(torch_log_prob))(cov, loc, x)),
+        "covariance_matrix": (ours.jacobian(x, "covariance_matrix"), torch_cov),
     }
     return {k: tuple(worst_relative_error(r, expected[k]) for r in pair) for k, pair in results.items()}
 

@@ -1,9 +1,9 @@
 r"""A short speed check for CI: a dozen cells of ``benchmarks/run.py``, each held to ratios on the machine at hand.
 
-Each cell times three callables of one ``run.py`` case in interleaved rounds (``run.time_interleaved``'s procedure),
-all unvalidated, float32, one thread: the library (``ours_noval``), the hand-written floor, and torch's way of getting
-the same numbers (the baseline that ``run.py`` pairs with ``ours_noval``: torch's MVN, with autograd where the case
-differentiates, or ``vmap(grad)`` for the Jacobians). It asserts
+Each cell times three callables of one case (``cases.REGISTRY``) in interleaved rounds (``timing.time_interleaved``'s
+procedure), all unvalidated, float32, one thread: the library (``ours_noval``), the hand-written floor, and torch's
+way of getting the same numbers (the baseline that the case pairs with ``ours_noval``: torch's MVN, with autograd
+where the case differentiates, or ``vmap(grad)`` for the Jacobians). It asserts
 
 * ``library / floor <= max_over_floor`` (how far the library is above the closed form), and
 * ``torch / library >= min_speedup`` (how much faster than torch),
@@ -42,13 +42,15 @@ import torch
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # run.py and its siblings, also when imported by path
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+import cases  # noqa: E402
 import run  # noqa: E402
+import timing  # noqa: E402
 from solve_routes import AUTO_IS_RIGHT, solve_route  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    case: str  # a case of run.py
+    case: str  # a case of cases.REGISTRY
     d: int
     n: int  # N (B for the many_small cases)
     max_over_floor: float  # library / floor at most
@@ -173,7 +175,7 @@ def _line(cell, measured, found, attempt):
 
 
 def time_rounds(fns, rounds, min_time):
-    """Seconds per call of each callable in each of ``rounds`` interleaved rounds: ``run.time_interleaved``'s
+    """Seconds per call of each callable in each of ``rounds`` interleaved rounds: ``timing.time_interleaved``'s
     procedure (a warm-up call, as many calls per sample as fill ``min_time``, the order alternating each round), with
     every round's sample kept."""
     loops = {}
@@ -210,14 +212,14 @@ def prepare(cell):
     """Build ``cell``'s case, check that library, floor and torch agree, and return ``measure(rounds, min_time)``,
     which times them in interleaved rounds and returns their ``summary``."""
     args = run.parse_args([])
-    inp = run.make_inputs(cell.d, cell.n, torch.float32)
-    fns, pairs = run.CASE_FUNCTIONS[cell.case](inp, args)
+    case = cases.REGISTRY[cell.case]
+    fns, pairs = case.build(case.inputs(cell.d, cell.n, torch.float32), args)
     (baseline,) = [b for b, ours in pairs.items() if ours == "ours_noval"]
     fns = {"library": fns["ours_noval"], "floor": fns["floor"], "torch": fns[baseline]}
     with solve_route(cell.route):
         outputs = {name: fn() for name, fn in fns.items()}
     for other in ("floor", "torch"):
-        error = run.max_rel_error(outputs["library"], outputs[other])
+        error = timing.max_rel_error(outputs["library"], outputs[other])
         if not error <= TOLERANCE:
             raise AssertionError(f"{cell.name}: the library and {other} differ by {error:.1e} (relative)")
 
@@ -265,13 +267,13 @@ def _check(args):
     if args.targets:
         cells = [c.at_targets() for c in cells]
     route = "right" if AUTO_IS_RIGHT else "left"
-    print(f"{run.cpu_model()}; torch {torch.__version__}, 1 thread, float32; this CPU's solve route: {route}")
+    print(f"{timing.cpu_model()}; torch {torch.__version__}, 1 thread, float32; this CPU's solve route: {route}")
     start, load = time.perf_counter(), os.getloadavg()
     measured, failures = run_check(cells, prepare, args.rounds, args.min_time, args.retries)
     seconds = time.perf_counter() - start
     if args.json:
         with open(args.json, "w") as f:
-            record = {"cpu": run.cpu_model(), "seconds": seconds, "load": [load, os.getloadavg()]}
+            record = {"cpu": timing.cpu_model(), "seconds": seconds, "load": [load, os.getloadavg()]}
             record.update(cells=measured, failures=failures)
             json.dump(record, f, indent=1)
     print(f"{len(cells) - len(failures)} of {len(cells)} cells passed in {seconds:.0f} s")

@@ -1,4 +1,4 @@
-r"""The ``many_small`` cases of ``benchmarks/run.py``: B Gaussians, each with its own small matrix, one value each.
+r"""The ``many_small`` cases (``cases.py`` registers them): B Gaussians, each with its own small matrix, one value each.
 
 Per-observation noise covariances, many Kalman tracks, mixtures with per-point covariances: ``loc`` of shape
 ``(B, d)``, ``covariance_matrix`` ``(B, d, d)`` and ``x`` ``(B, d)``, small ``d``. B is the benchmark's ``N``. Three
@@ -29,31 +29,17 @@ Cholesky factorizations takes seconds per call, and about 5 GB at d = 8).
 """
 
 import math
-import os
-import sys
 
 import torch
+from calls import lpg_callables
 from torch.distributions import MultivariateNormal
 
 from torch_mvn_ext import JacobianMVN
 
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # the sibling module, also when imported by path
-    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
-from calls import lpg_callables  # noqa: E402
-
 LOG_2PI = math.log(2 * math.pi)
-CASES = ("many_small_log_prob", "many_small_rsample", "many_small_lpg")
 SIZES = [f"{d}x{b}" for b in (1000, 100_000, 1_000_000) for d in (1, 2, 3, 4, 6, 8)]
 QUICK_SIZES = ["2x100000", "3x100000"]
 RSAMPLE_SEED = 0
-
-# The issue's targets at B = 1e5, d = 2 and 3, float32, both sides unvalidated (appended to run.py's tables).
-TARGETS = [
-    (case, "torch_noval", d, 100_000, bound)
-    for case, bound in (("many_small_log_prob", 5.0), ("many_small_lpg", 5.0), ("many_small_rsample", 3.0))
-    for d in (2, 3)
-]
-FLOOR_TARGETS = [(case, "ours_noval", d, 100_000, 1.3) for case in CASES for d in (2, 3)]
 
 
 def make_inputs(d, b, dtype, device="cpu", seed=0):
@@ -68,13 +54,6 @@ def make_inputs(d, b, dtype, device="cpu", seed=0):
     eps = torch.randn(b, d, 1, generator=g, dtype=torch.float64)
     x = loc + (torch.linalg.cholesky(cov) @ eps).squeeze(-1)
     return [t.to(device=device, dtype=dtype) for t in (loc, cov, x)]
-
-
-def skip_reason(case, d, b, dtype, args):
-    """Why ``run.py`` skips a size of these cases, or ``None``."""
-    if b * d * d * (torch.finfo(dtype).bits // 8) > args.max_matrix_bytes:
-        return "B x d x d covariances over --max-matrix-bytes"
-    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,17 +180,11 @@ def floor_lpg(loc, cov, x):
 
 
 # --------------------------------------------------------------------------------------------------
-# Cases, as run.py's: ({name: callable}, {baseline: ours}). run.py hands each case its single-matrix inputs for
-# (d, N); these take d, B = N, the dtype and the device from them and draw their own batch.
+# Builders, as ``registry.py`` describes them: each takes the batch that ``make_inputs`` draws for (d, B).
 
 
-def _batch(inp):
-    b, d = inp["x"].shape
-    return make_inputs(d, b, inp["x"].dtype, inp["x"].device)
-
-
-def case_log_prob(inp, args):
-    loc, cov, x = _batch(inp)
+def log_prob(inputs, args):
+    loc, cov, x = inputs
 
     def make(cls, validate):
         return lambda: cls(loc, covariance_matrix=cov, validate_args=validate).log_prob(x)
@@ -225,8 +198,8 @@ def case_log_prob(inp, args):
     }, {"torch": "ours", "torch_noval": "ours_noval"}
 
 
-def case_rsample(inp, args):
-    loc, cov, _ = _batch(inp)
+def rsample(inputs, args):
+    loc, cov, _ = inputs
 
     def make(cls, validate):
         def run():
@@ -244,13 +217,6 @@ def case_rsample(inp, args):
     }, {"torch": "ours", "torch_noval": "ours_noval"}
 
 
-def case_lpg(inp, args):
-    loc, cov, x = _batch(inp)
+def lpg(inputs, args):
+    loc, cov, x = inputs
     return lpg_callables(loc, cov, x, lambda: floor_lpg(loc, cov, x))
-
-
-CASE_FUNCTIONS = {
-    "many_small_log_prob": case_log_prob,
-    "many_small_rsample": case_rsample,
-    "many_small_lpg": case_lpg,
-}

@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import cpu_model  # noqa: E402
+from timing import cpu_model  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -1,6 +1,15 @@
+import pathlib
+import sys
+
 import pytest
 import torch
 from helpers import TOLERANCES
+
+# The benchmark's modules import one another by name, as siblings (benchmarks/run.py is run as a script); tests
+# import them the same way.
+BENCHMARKS = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
+if BENCHMARKS not in sys.path:
+    sys.path.append(BENCHMARKS)
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ check's logic (``benchmarks/check.py``: a cell that misses is measured again, th
 the exit status) is tested with injected timings.
 """
 
-import importlib.util
 import inspect
 import json
 import pathlib
@@ -14,9 +13,14 @@ import re
 import subprocess
 import sys
 
+import cases
+import check
 import pytest
+import registry
+import solve_routes
 import torch
 
+import torch_mvn_ext
 from torch_mvn_ext import JacobianMVN, _factor
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
@@ -24,6 +28,7 @@ MANY_SMALL = ["many_small_log_prob", "many_small_rsample", "many_small_lpg"]
 FLOOR_CASES = ["lpg", "jac_loc", "jac_scale_tril", "jac_cov", "precision", "autograd", "autograd_tril"]
 CASES = FLOOR_CASES + ["svi", "nuts"]
 HAS_OUT = "out" in inspect.signature(JacobianMVN.jacobian).parameters
+HAS_LOWRANK = hasattr(torch_mvn_ext, "JacobianLowRankMVN")
 
 
 def run_script(tmp_path, args, timeout, plot=False):
@@ -138,11 +143,61 @@ def test_report_for_the_reference_has_a_picture_per_family_and_narrow_tables(tmp
 def test_docs_without_pictures_is_refused_before_running(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--docs", str(tmp_path), "--no-plot", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "--docs needs the pictures" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_lowrank_cases_at_a_tiny_size(tmp_path):
+    """The low-rank cases (sizes d x k x N) are skipped, with a note, by a library without ``JacobianLowRankMVN``; with
+    it, every baseline agrees with ours."""
+    args = ["--cases", "lowrank_lpg", "lowrank_jac", "--lowrank-sizes", "8x2x4", "--dtypes", "float32", "float64"]
+    stdout, report = run_script(tmp_path, args, timeout=120)
+    rows = report["results"]
+    if not HAS_LOWRANK:
+        assert rows == []
+        for case in ("lowrank_lpg", "lowrank_jac"):
+            assert f"{case:15s} skipped: torch_mvn_ext has no JacobianLowRankMVN" in stdout
+            assert any(reason.startswith(f"{case}: ") for reason in report["skipped"])
+        return
+    assert {(r["case"], r["baseline"], r["d"], r["k"], r["N"]) for r in rows} == {
+        (case, baseline, 8, 2, 4)
+        for case, baseline in (
+            ("lowrank_lpg", "torch"),
+            ("lowrank_lpg", "torch_noval"),
+            ("lowrank_jac", "vmap_grad"),
+            ("lowrank_jac", "functional_jacobian"),
+        )
+    }
+    for r in rows:
+        check_agreement(r)
+
+
+def test_registry_entries_fit_together():
+    """Each family's cases share their sizes' names (``registry.sections`` raises otherwise), each target names a
+    size of its case's shape, and an option read by several cases is defined alike by each."""
+    sections = registry.sections(cases.REGISTRY)
+    assert [s.family.name for s in sections] == [
+        "lpg",
+        "jacobians",
+        "precision",
+        "autograd",
+        "compiled",
+        "out_buffer",
+        "pyro",
+        "many_small",
+        "lowrank",
+    ]
+    for case in cases.REGISTRY.values():
+        assert all(len(target.size) == len(case.size_names) for target in case.targets), case.name
+    flags = [option.flag for option in registry.options(cases.REGISTRY)]  # raises if two cases define one otherwise
+    assert {"--compiled-sizes", "--many-small-sizes", "--lowrank-sizes", "--pyro-max-n"} <= set(flags)
+
+
 def test_many_small_cases_at_tiny_sizes(tmp_path):
     """B members with their own matrices: library, torch and the elementwise floor agree; too large a B is skipped."""
     args = ["--cases", *MANY_SMALL, "--many-small-sizes", "1x5", "3x8", "8x100", "--dtypes", "float32", "float64"]
@@ -164,28 +219,13 @@ def test_many_small_cases_at_tiny_sizes(tmp_path):
     }
 
 
-def _load(name):
-    path = SCRIPT.parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def check():
-    return _load("check")
-
-
 def test_solve_route_is_forced_for_the_run_and_recorded(tmp_path):
     """``--solve-route right`` makes float32 solves leave column-major results (``_factor._solve_rows``), on any CPU."""
-    routes = _load("solve_routes")
     tril = torch.eye(3) + torch.ones(3, 3).tril()
     rows = torch.randn(5, 3)
     auto = _factor._RIGHT_SOLVE_IS_FASTER
     for route, row_major in (("left", True), ("right", False)):
-        with routes.solve_route(route) as taken:
+        with solve_routes.solve_route(route) as taken:
             assert taken == route
             assert _factor._solve_rows(tril, rows, transpose=False).is_contiguous() is row_major
         assert _factor._RIGHT_SOLVE_IS_FASTER is auto
@@ -218,7 +258,7 @@ class Measurements:
         return self.results[min(len(self.rounds), len(self.results)) - 1]
 
 
-def test_speed_check_measures_a_missing_cell_again_before_failing_it(check):
+def test_speed_check_measures_a_missing_cell_again_before_failing_it():
     cell = check.Cell("jac_scale_tril", 64, 1024, max_over_floor=2.0, min_speedup=1.0, route="right")
     lines = []
     # Misses once, then meets both thresholds: measured twice (twice the rounds), passes.
@@ -239,8 +279,8 @@ def test_speed_check_measures_a_missing_cell_again_before_failing_it(check):
     assert failure.endswith("attempt 1 (3 rounds): torch / library 0.50 < 1 (library 1000 us, torch 500 us)")
 
 
-def test_speed_check_exits_non_zero_when_a_cell_fails(check, monkeypatch, capsys):
-    assert {cell.case for cell in check.CELLS} <= set(check.run.CASE_FUNCTIONS)
+def test_speed_check_exits_non_zero_when_a_cell_fails(monkeypatch, capsys):
+    assert {cell.case for cell in check.CELLS} <= set(cases.REGISTRY)
     slow = check.CELLS[0]
     ratio = 2 * slow.max_over_floor  # library / floor, twice the threshold
     fake = {cell.name: Measurements(times(1e-3, 1e-3, 1e-2)) for cell in check.CELLS}
@@ -260,7 +300,7 @@ def test_speed_check_exits_non_zero_when_a_cell_fails(check, monkeypatch, capsys
     assert check.main([]) == 0
 
 
-def test_speed_check_times_its_cells_for_real(check):
+def test_speed_check_times_its_cells_for_real():
     """The check's own measurement on tiny cells (both routes, a many_small case): the three callables agree and are
     timed."""
     for cell in (

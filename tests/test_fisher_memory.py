@@ -1,29 +1,19 @@
 """The Fisher information of a matrix: its peak memory, and a clear error before an allocation that cannot
 succeed."""
 
-import importlib.util
-import pathlib
 import resource
 import time
 
 import pytest
 import torch
 from helpers import PARAMETRIZATIONS, random_spd
+from timing import peak_bytes  # benchmarks/timing.py: peak memory as the benchmark measures it
 
 from torch_mvn_ext import JacobianMVN
 
 
 def _vech_size(d):
     return d * (d + 1) // 2
-
-
-def peak_bytes(fn):
-    """Peak bytes of torch tensors held at once during one call of ``fn``, as ``benchmarks/run.py`` measures it."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_run", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.peak_bytes(fn)
 
 
 # torch 2.11's profiler says, on a second profile in one process, that each profile keeps only its own events.
