@@ -65,3 +65,31 @@ def grid_case(parametrization, shapes, d):
     cov = random_spd(mat_batch, d)
     x = torch.randn(*x_batch, d, dtype=torch.float64)
     return loc, cov, x, JacobianMVN(loc, **{parametrization: matrix_for(parametrization, cov)})
+
+
+# The low-rank Gaussian: (loc batch, cov_factor batch, cov_diag batch, value batch), each parameter with its own
+# batch shape, broadcasting against the others (size-1 dimensions included), and values with extra sample dimensions.
+LOWRANK_WRT = ("value", "loc", "cov_factor", "cov_diag")
+LOWRANK_GRID = [
+    ((), (), (), ()),
+    ((), (), (), (7,)),
+    ((4,), (), (4,), (4,)),
+    ((4,), (4,), (), (5, 4)),
+    ((), (3,), (), (2, 3)),
+    ((), (), (3,), (3,)),
+    ((2, 1), (3,), (1,), (2, 3)),
+    ((8, 1), (), (6,), (8, 6)),
+    ((2, 3), (3,), (2, 1), (5, 1, 1)),
+]
+LOWRANK_IDS = [f"loc{a}-factor{b}-diag{c}-x{x}" for a, b, c, x in LOWRANK_GRID]
+
+
+def lowrank_params(shapes, d, rank, dtype=torch.float64):
+    """``(loc, cov_factor, cov_diag, x)`` for one entry of :data:`LOWRANK_GRID`; ``cov_diag`` in ``[0.5, 1.5)``."""
+    loc_batch, factor_batch, diag_batch, x_batch = shapes
+    return (
+        torch.randn(*loc_batch, d, dtype=dtype),
+        torch.randn(*factor_batch, d, rank, dtype=dtype),
+        torch.rand(*diag_batch, d, dtype=dtype) + 0.5,
+        torch.randn(*x_batch, d, dtype=dtype),
+    )
