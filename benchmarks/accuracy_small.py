@@ -91,7 +91,7 @@ def measure(b, d, condition, dtype, seed):
     cov, loc, x = make_case(b, d, condition, dtype, seed)
     expected = reference(cov, loc, x, REFERENCE[dtype])
     ours = JacobianMVN(loc, cov, validate_args=False)
-    if not ours._factor.kind.startswith("elementwise"):
+    if not ours._state.factor.kind.startswith("elementwise"):
         raise RuntimeError(f"B = {b}, d = {d} does not take the elementwise factors; use more members")
     theirs = MultivariateNormal(loc, cov, validate_args=False)
     xs = x.clone().requires_grad_()

@@ -271,7 +271,7 @@ def test_covariance_gradient_skips_the_cholesky_backward(mat_batch, loc_shape, a
     x, loc, m = inputs("covariance_matrix", loc_shape, mat_batch, x_shape)
     d = JacobianMVN(loc, covariance_matrix=m)
     calls = []
-    d._factor.tensor.grad_fn.register_prehook(lambda grads: calls.extend(g for g in grads if g is not None))
+    d._state.factor.tensor.grad_fn.register_prehook(lambda grads: calls.extend(g for g in grads if g is not None))
     lp = d.log_prob(x)
     w = torch.randn(lp.shape, dtype=torch.float64)
     ours = torch.autograd.grad((lp * w).sum(), (x, loc, m))

@@ -90,7 +90,7 @@ def test_precision_conditioning_never_inverts_nor_forms_sigma(monkeypatch, asser
     results = [d.condition(dims, value) for dims in ([0, 1], [3, 1])]
     results.append(d.marginal([3, 1]))
     assert all(r.parametrization == "precision_matrix" for r in results)
-    assert "_unbroadcasted_sigma" not in d.__dict__ and "_unbroadcasted_scale_tril" not in d.__dict__
+    assert "covariance_matrix" not in vars(d._state) and "scale_tril" not in vars(d._state)
     means = [r.mean for r in results[:2]]
     monkeypatch.undo()
     for m, r, (mean, cond_cov) in zip(means, results, expected):

@@ -40,15 +40,15 @@ def _case(parametrization, d, shapes, dtype=torch.float64):
 
 def test_the_elementwise_factors_are_chosen_by_size():
     cov = random_spd((B,), 3)
-    assert JacobianMVN(torch.zeros(3, dtype=torch.float64), cov)._factor.kind == "elementwise_cholesky"
-    assert JacobianMVN(torch.zeros(3, dtype=torch.float64), cov[0])._factor.kind == "cholesky"  # one matrix
+    assert JacobianMVN(torch.zeros(3, dtype=torch.float64), cov)._state.factor.kind == "elementwise_cholesky"
+    assert JacobianMVN(torch.zeros(3, dtype=torch.float64), cov[0])._state.factor.kind == "cholesky"  # one matrix
     few = random_spd((_small.MIN_MEMBERS_PER_D * 3 - 1,), 3)
-    assert JacobianMVN(torch.zeros(3, dtype=torch.float64), few)._factor.kind == "cholesky"
+    assert JacobianMVN(torch.zeros(3, dtype=torch.float64), few)._state.factor.kind == "cholesky"
     big = random_spd((B,), _small.MAX_D + 1)
-    assert JacobianMVN(torch.zeros(_small.MAX_D + 1, dtype=torch.float64), big)._factor.kind == "cholesky"
+    assert JacobianMVN(torch.zeros(_small.MAX_D + 1, dtype=torch.float64), big)._state.factor.kind == "cholesky"
     for name, kind in [("precision_matrix", "elementwise_precision"), ("scale_tril", "elementwise_scale_tril")]:
         d = JacobianMVN(torch.zeros(3, dtype=torch.float64), **{name: matrix_for(name, cov)})
-        assert d._factor.kind == kind
+        assert d._state.factor.kind == kind
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -59,7 +59,7 @@ def test_every_method_matches_torch(parametrization, d, shapes, dtype, assert_cl
     loc, m, x = _case(parametrization, d, shapes, dtype)
     ours = JacobianMVN(loc, **{parametrization: m})
     theirs = MultivariateNormal(loc, **{parametrization: m})
-    assert ours._factor.kind.startswith("elementwise")
+    assert ours._state.factor.kind.startswith("elementwise")
     tol = {} if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
     for name in ("scale_tril", "covariance_matrix", "precision_matrix", "variance", "stddev"):
         assert_close(getattr(ours, name), getattr(theirs, name), **tol)
@@ -121,7 +121,7 @@ def test_second_order_and_torch_func(parametrization):
     def f(x, loc, m):
         sym = m.tril() if parametrization == "scale_tril" else (m + m.mT) / 2
         d = JacobianMVN(loc, **{parametrization: sym})
-        assert d._factor.kind.startswith("elementwise")
+        assert d._state.factor.kind.startswith("elementwise")
         return d.log_prob(x)
 
     inputs = tuple(t.clone().requires_grad_() for t in (x, loc, m))
@@ -148,7 +148,7 @@ def test_from_distribution_takes_the_elementwise_factors(assert_close):
     cov = random_spd((B,), 2)
     mvn = MultivariateNormal(torch.zeros(B, 2, dtype=torch.float64), cov)
     ours = JacobianMVN.from_distribution(mvn)
-    assert ours._factor.kind == "elementwise_cholesky"
+    assert ours._state.factor.kind == "elementwise_cholesky"
     x = torch.randn(B, 2, dtype=torch.float64)
     assert_close(ours.log_prob(x), mvn.log_prob(x))
     zero = torch.zeros(2, dtype=torch.float64)
@@ -162,9 +162,9 @@ def test_matches_the_general_path(monkeypatch, assert_close):
     e = JacobianMVN(loc, m)
     monkeypatch.setattr(_small, "MAX_D", 0)
     d = JacobianMVN(loc, m)
-    assert d._factor.kind == "cholesky"
+    assert d._state.factor.kind == "cholesky"
     general_out = d.log_prob_and_grads(x, WRT, reduction="sum")
-    assert e._factor.kind == "elementwise_cholesky"
+    assert e._state.factor.kind == "elementwise_cholesky"
     elementwise_out = e.log_prob_and_grads(x, WRT, reduction="sum")
     assert_close(elementwise_out[0], general_out[0])
     for k in WRT:

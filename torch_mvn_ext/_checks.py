@@ -16,7 +16,7 @@ from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
-from torch.distributions import constraints
+from torch.distributions import Distribution, constraints
 
 from ._shapes import broadcast_shapes, format_shape
 
@@ -90,12 +90,12 @@ def check_choice(arg: str, value: object, allowed: Sequence[str]) -> None:
         raise ValueError(f"{arg} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
-def check_wrt(wrt: object) -> tuple[str, ...]:
+def check_wrt(wrt: object, allowed: Sequence[str] = WRT) -> tuple[str, ...]:
     names = (wrt,) if isinstance(wrt, str) else wrt
     if not isinstance(names, (tuple, list)) or not names:
-        raise ValueError(f"wrt must be one of {', '.join(map(repr, WRT))} or a tuple/list of them; got {wrt!r}")
+        raise ValueError(f"wrt must be one of {', '.join(map(repr, allowed))} or a tuple/list of them; got {wrt!r}")
     for name in names:
-        check_choice("wrt", name, WRT)
+        check_choice("wrt", name, allowed)
     return tuple(names)
 
 
@@ -274,17 +274,17 @@ def _satisfies(constraint: constraints.Constraint, value: Tensor) -> bool:
     return all_true(constraint.check(value))
 
 
-def check_value(dist: Any, value: object) -> Tensor:
+def check_value(dist: Distribution, value: object) -> Tensor:
     """``value`` checked as torch's ``_validate_sample`` checks it (finite too, under ``validate_args``), in the
-    distribution's dtype."""
-    loc = dist.loc
+    distribution's dtype (that of its ``loc``)."""
+    loc: Tensor = dist.loc  # type: ignore[attr-defined]
     if not isinstance(value, Tensor):
         raise ValueError(f"value must be a torch.Tensor, got {type(value).__name__}")
-    shape, batch_shape = value.shape, dist._batch_shape
-    if not shape or shape[-1] != dist._event_shape[0]:
+    shape, batch_shape, event_shape = value.shape, dist.batch_shape, dist.event_shape
+    if not shape or shape[-1] != event_shape[0]:
         raise ValueError(
             f"value has shape {format_shape(shape)} but the distribution's event shape is "
-            f"{format_shape(dist._event_shape)}: the last dimension of value must be {dist._event_shape[0]}"
+            f"{format_shape(event_shape)}: the last dimension of value must be {event_shape[0]}"
         )
     if batch_shape and shape[:-1] != batch_shape:
         try:
@@ -292,7 +292,7 @@ def check_value(dist: Any, value: object) -> Tensor:
         except RuntimeError:
             raise ValueError(
                 f"value has shape {format_shape(shape)}, which does not broadcast with the distribution's "
-                f"batch_shape + event_shape {format_shape(batch_shape + dist._event_shape)}"
+                f"batch_shape + event_shape {format_shape(batch_shape + event_shape)}"
             ) from None
     if value.device != loc.device:
         check_device("value", value, loc.device)

@@ -7,21 +7,35 @@ allows, and from one Cholesky factorization of a sub-block otherwise.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from ._factor import cholesky
+from ._factor import TriangularFactor, cholesky
 from ._information import symmetrize
 from ._shapes import Grouping, sub_block
 
-if TYPE_CHECKING:
-    from .jacobian_mvn import JacobianMVN
+
+class Dense(Protocol):
+    """What conditioning reads of a dense Gaussian (:class:`~torch_mvn_ext._dense.DenseGaussian`)."""
+
+    loc: Tensor
+    factor: TriangularFactor
+    parametrization: str
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def covariance_matrix(self) -> Tensor: ...
+
+    @property
+    def precision_matrix(self) -> Tensor: ...
 
 
-def marginal(dist: JacobianMVN, a: list[int]) -> tuple[Tensor, str, Tensor]:
-    r"""The parameters of the distribution of ``x[..., a]`` (see :meth:`JacobianMVN.marginal`):
+def marginal(state: Dense, a: list[int]) -> tuple[Tensor, str, Tensor]:
+    r"""The parameters of the distribution of ``x[..., a]`` (see :meth:`~torch_mvn_ext.JacobianMVN.marginal`):
 
     * ``a`` = ``[0, 1, ..., m-1]``: the leading block of the factor is the factor of the marginal (the
       ``scale_tril`` :math:`L_{aa}`; for a precision factor the marginal precision :math:`T_{aa}^\top T_{aa}`);
@@ -31,16 +45,16 @@ def marginal(dist: JacobianMVN, a: list[int]) -> tuple[Tensor, str, Tensor]:
     * otherwise: ``covariance_matrix`` :math:`\Sigma_{aa}` (a sub-block of the given covariance, or
       :math:`L_{a:} L_{a:}^\top`).
     """
-    d, m = dist.event_shape[0], len(a)
-    loc = dist._unbroadcasted_loc[..., a]
-    factor = dist._factor
+    d, m = state.size, len(a)
+    loc = state.loc[..., a]
+    factor = state.factor
     if a == list(range(m)):
         block = factor.tensor[..., :m, :m]
         if factor.is_precision:
             return loc, "precision_matrix", block.mT @ block
         return loc, "scale_tril", block
     if factor.is_precision:
-        precision = dist._unbroadcasted_sigma_inverse
+        precision = state.precision_matrix
         b = [i for i in range(d) if i not in set(a)]
         matrix = sub_block(precision, a, a)
         if b:
@@ -48,15 +62,16 @@ def marginal(dist: JacobianMVN, a: list[int]) -> tuple[Tensor, str, Tensor]:
             w = torch.linalg.solve_triangular(c, sub_block(precision, b, a), upper=False)
             matrix = symmetrize(matrix - w.mT @ w)
         return loc, "precision_matrix", matrix
-    if dist.parametrization == "covariance_matrix":
-        return loc, "covariance_matrix", sub_block(dist._unbroadcasted_sigma, a, a)
+    if state.parametrization == "covariance_matrix":
+        return loc, "covariance_matrix", sub_block(state.covariance_matrix, a, a)
     rows = factor.tensor[..., a, :]
     return loc, "covariance_matrix", rows @ rows.mT
 
 
-def condition(dist: JacobianMVN, b: list[int], value: Tensor, shape: torch.Size) -> tuple[Tensor, str, Tensor]:
+def condition(state: Dense, b: list[int], value: Tensor, shape: torch.Size) -> tuple[Tensor, str, Tensor]:
     r"""The parameters of the distribution of the coordinates not in ``b`` given ``x[..., b] = value`` (see
-    :meth:`JacobianMVN.condition`); ``shape`` is the broadcast of ``value``'s batch shape and the distribution's.
+    :meth:`~torch_mvn_ext.JacobianMVN.condition`); ``shape`` is the broadcast of ``value``'s batch shape and the
+    distribution's.
 
     * ``b`` are the leading coordinates (in any order): with the factor split in blocks, the conditional's
       factor is the trailing block of the distribution's own. ``scale_tril`` :math:`L_{aa}` and mean
@@ -69,9 +84,9 @@ def condition(dist: JacobianMVN, b: list[int], value: Tensor, shape: torch.Size)
       :math:`\mu_a + W^\top C^{-1} r_b` — the same arithmetic as a blocked Cholesky factorization of
       :math:`\Sigma` permuted to :math:`(b, a)` order, at the cost of one :math:`O(d^3/3)` factorization.
     """
-    d, m = dist.event_shape[0], len(b)
+    d, m = state.size, len(b)
     a = [i for i in range(d) if i not in set(b)]
-    loc, factor = dist._unbroadcasted_loc, dist._factor
+    loc, factor = state.loc, state.factor
     tensor = factor.tensor
     g = Grouping(shape, tensor.shape[:-2])
     if sorted(b) == list(range(m)):
@@ -82,7 +97,7 @@ def condition(dist: JacobianMVN, b: list[int], value: Tensor, shape: torch.Size)
         if factor.is_precision:
             # -T_aa^{-1} T_ab r_b: one product and one triangular solve.
             shift = -torch.linalg.solve_triangular(g.flat_matrix(trailing), (r @ cross.mT).mT, upper=False).mT
-            name, matrix = "precision_matrix", dist._unbroadcasted_sigma_inverse[..., m:, m:]
+            name, matrix = "precision_matrix", state.precision_matrix[..., m:, m:]
         else:
             leading = g.flat_matrix(tensor[..., :m, :m])
             shift = torch.linalg.solve_triangular(leading, r.mT, upper=False).mT @ cross.mT
@@ -90,12 +105,12 @@ def condition(dist: JacobianMVN, b: list[int], value: Tensor, shape: torch.Size)
     else:
         r = g.group(value - loc[..., b])
         if factor.is_precision:
-            p = dist._unbroadcasted_sigma_inverse
+            p = state.precision_matrix
             name, matrix = "precision_matrix", sub_block(p, a, a)
             c = g.flat_matrix(cholesky(matrix, "precision_matrix"))
             shift = -torch.cholesky_solve((r @ g.flat_matrix(sub_block(p, a, b)).mT).mT, c).mT
         else:
-            sigma = dist._unbroadcasted_sigma
+            sigma = state.covariance_matrix
             c = cholesky(sub_block(sigma, b, b), "covariance_matrix")
             w = torch.linalg.solve_triangular(c, sub_block(sigma, b, a), upper=False)
             name, matrix = "covariance_matrix", symmetrize(sub_block(sigma, a, a) - w.mT @ w)

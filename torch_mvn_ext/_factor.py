@@ -199,7 +199,6 @@ class CholeskyFactor(TriangularFactor):
 
     kind = "cholesky"
 
-
     def half_log_det(self) -> Tensor:
         # A Cholesky factorization's diagonal is positive.
         return self.diagonal().log().sum(-1)
@@ -258,7 +257,6 @@ class ScaleTril(CholeskyFactor):
     \log|L_{ii}|`, finite rather than NaN; its derivative :math:`1 / L_{ii}` is what the gradients use."""
 
     kind = "scale_tril"
-
 
     def half_log_det(self) -> Tensor:
         return self.diagonal().abs().log().sum(-1)
@@ -356,30 +354,6 @@ def tril_inverse(tril: Tensor) -> Tensor:
     :math:`O(d^3/3)`: :math:`L^{-1} = T` for a Cholesky factor, :math:`T^{-1} = L` for a precision factor."""
     eye = torch.eye(tril.shape[-1], dtype=tril.dtype, device=tril.device)
     return torch.linalg.solve_triangular(tril, eye.expand_as(tril), upper=False)
-
-
-def factor_of_distribution(mvn: object) -> tuple[str, Tensor, Tensor, TriangularFactor]:
-    """``(name, loc, matrix, factor)`` of a torch or Pyro ``MultivariateNormal``, its factor reused: the matrix
-    argument its constructor stored (the first in its ``__dict__``; later ones are derived on demand) and its Cholesky
-    factor (for a precision, the inverse of it, one triangular solve)."""
-    if not isinstance(mvn, torch.distributions.MultivariateNormal):
-        raise ValueError(
-            f"from_distribution needs a torch.distributions.MultivariateNormal (or Pyro's); got {type(mvn).__name__}"
-        )
-    factor = getattr(mvn, "_factor", None)
-    if isinstance(factor, TriangularFactor):  # a JacobianMVN
-        return mvn._parametrization, mvn._unbroadcasted_loc, mvn._unbroadcasted_matrix, factor  # type: ignore
-    name = next(key for key in mvn.__dict__ if key in ("covariance_matrix", "precision_matrix", "scale_tril"))
-    scale_tril = mvn._unbroadcasted_scale_tril
-    if name == "scale_tril":
-        factor = ScaleTril(scale_tril)
-    elif name == "covariance_matrix":
-        factor = CholeskyFactor(scale_tril)
-    else:
-        factor = PrecisionFactor(tril_inverse(scale_tril))
-    # torch keeps the user's scale_tril itself; of loc and the other matrices it keeps views expanded to batch_shape.
-    matrix = scale_tril if name == "scale_tril" else mvn.__dict__[name]
-    return name, mvn.loc, matrix, factor
 
 
 def _solve_rows(tril: Tensor, x: Tensor, transpose: bool) -> Tensor:

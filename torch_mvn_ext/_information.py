@@ -8,17 +8,31 @@ output fits in the device's memory at all.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from ._checks import WRT, check_allocation, check_choice, check_event_tensor, differentiated
-from ._derivatives import Residual
+from ._checks import check_allocation, check_choice, check_event_tensor, differentiated
 from ._shapes import vech_indices, vech_weights
 
-if TYPE_CHECKING:
-    from .jacobian_mvn import JacobianMVN
+
+class Geometry(Protocol):
+    """What this module asks of a structure: its Fisher blocks and natural gradients by coordinate."""
+
+    loc: Tensor
+    coordinates: tuple[str, ...]
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def precision_matrix(self) -> Tensor: ...
+
+    def fisher(self, name: str) -> Tensor: ...
+
+    def natural_gradient(self, name: str, grad: Tensor, shape: torch.Size) -> Tensor: ...
+
 
 # Fisher matrices are gathered in this many chunks of rows.
 _CHUNKS = 16
@@ -123,26 +137,26 @@ def symmetric_natural_gradient(m: Tensor, grad: Tensor) -> Tensor:
     return 2.0 * symmetrize(m @ symmetrize(grad) @ m)
 
 
-def fisher_information(dist: JacobianMVN, wrt: str, layout: str) -> Tensor:
-    """The Fisher information of each member of the factor's batch (see :meth:`JacobianMVN.fisher_information`)."""
+def fisher_information(state: Geometry, wrt: str, layout: str) -> Tensor:
+    """The Fisher information of each member of the structure's batch (see
+    :meth:`~torch_mvn_ext.JacobianMVN.fisher_information`)."""
     if wrt == "loc":
-        return dist._unbroadcasted_sigma_inverse.clone()  # a copy: the caller may damp it in place
+        return state.precision_matrix.clone()  # a copy: the caller may damp it in place
     if layout == "full":
         raise ValueError(
             f"fisher_information(wrt={wrt!r}) needs layout='vech': in the full (d, d) layout the d^2 x d^2 "
             f"Fisher matrix is singular (the matrix has only d*(d+1)/2 free entries)"
         )
-    if wrt == "covariance_matrix":
-        return symmetric_fisher_vech(dist._unbroadcasted_sigma_inverse)
-    if wrt == "precision_matrix":
-        return symmetric_fisher_vech(dist._unbroadcasted_sigma)
-    return tril_fisher_vech(dist._unbroadcasted_sigma_inverse, dist._factor.inv_scale_diag())
+    return state.fisher(wrt)
 
 
-def natural_gradient(dist: JacobianMVN, grads: object, extra: dict[str, object]) -> dict[str, Tensor]:
-    """The natural gradients of the Euclidean ``grads`` (see :meth:`JacobianMVN.natural_gradient`); ``extra``: any
-    further arguments it was called with, by position (``"1"``, ...) or keyword, which it does not take."""
-    allowed = WRT[1:]
+def natural_gradient(
+    state: Geometry, grads: object, extra: dict[str, object], batch_shape: torch.Size
+) -> dict[str, Tensor]:
+    """The natural gradients of the Euclidean ``grads`` (see :meth:`~torch_mvn_ext.JacobianMVN.natural_gradient`);
+    ``extra``: any further arguments it was called with, by position (``"1"``, ...) or keyword, which it does not
+    take."""
+    allowed = ("loc",) + state.coordinates
     if extra or not isinstance(grads, dict) or not grads:
         got = [_describe(grads)] + [_describe(v) if k.isdigit() else f"{k}={_describe(v)}" for k, v in extra.items()]
         raise ValueError(
@@ -157,23 +171,12 @@ def natural_gradient(dist: JacobianMVN, grads: object, extra: dict[str, object])
             f"grads has gradients w.r.t. {' and '.join(matrices)}: they are coordinates of the same distribution, "
             f"so pass the gradient w.r.t. one of them"
         )
-    event, dtype, batch_shape, device = dist.event_shape, dist.loc.dtype, dist.batch_shape, dist.loc.device
+    event = torch.Size([state.size])
     out = {}
     for name, g in grads.items():
-        key = f"grads[{name!r}]"
-        if name == "loc":
-            shape = check_event_tensor(key, g, event, batch_shape, device)
-            x = Residual(g.to(dtype).expand(shape + event), dist._factor)
-            out[name] = x.full(x.factor.sigma_matvec(x.r)).contiguous()  # row-major on either solve route
-            continue
-        shape = check_event_tensor(key, g, event + event, batch_shape, device)
-        g = g.to(dtype)
-        if name == "scale_tril":
-            nat = tril_natural_gradient(dist._unbroadcasted_scale_tril, g)
-        else:
-            m = dist._unbroadcasted_sigma if name == "covariance_matrix" else dist._unbroadcasted_sigma_inverse
-            nat = symmetric_natural_gradient(m, g)
-        out[name] = nat.expand(shape + event + event)
+        trailing = event if name == "loc" else event + event
+        shape = check_event_tensor(f"grads[{name!r}]", g, trailing, batch_shape, state.loc.device)
+        out[name] = state.natural_gradient(name, g.to(state.loc.dtype), shape)
     return out
 
 

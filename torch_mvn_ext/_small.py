@@ -89,9 +89,7 @@ def _columns(columns: list[Tensor]) -> Tensor:
     return torch.stack(columns, 0).movedim(0, -1)
 
 
-def _matrix(
-    entries: dict[tuple[int, int], Tensor], d: int, symmetric: bool = False, row_major: bool = False
-) -> Tensor:
+def _matrix(entries: dict[tuple[int, int], Tensor], d: int, symmetric: bool = False, row_major: bool = False) -> Tensor:
     """The ``B + (d, d)`` matrix of ``entries`` (``(i, j)`` -> a tensor of shape ``B``): an entry not given is its
     mirror where ``symmetric``, else zero. One concatenation, structure-of-arrays (entry ``(i, j)`` contiguous over the
     batch), or ``row_major`` for results that go to users."""

@@ -1,15 +1,16 @@
 r"""The distribution: :class:`JacobianMVN`, torch's ``MultivariateNormal`` with closed-form derivatives.
 
-The class reads like torch's ``MultivariateNormal``; the derivative methods at its end delegate to the private module
-that holds their math: ``_factor`` (the triangular factor), ``_derivatives`` (Jacobians and summed gradients),
-``_autograd`` (``log_prob``'s backward), ``_information`` (Fisher information, natural gradients) and
-``_conditioning`` (marginals and conditionals); ``_checks`` holds the argument checks.
+The class reads like torch's ``MultivariateNormal``. It holds one :class:`~torch_mvn_ext._dense.DenseGaussian`, the
+structure that owns ``loc``, the matrix argument, its triangular factor and every matrix derived from it, and
+delegates to it: ``_derivatives`` writes the Jacobians and summed gradients from the structure's terms,
+``_information`` and ``_conditioning`` the information geometry and Gaussian algebra; ``_checks`` holds the argument
+checks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NoReturn, Union, overload
+from typing import Any, Union, overload
 
 import pyro.distributions
 import torch
@@ -17,12 +18,11 @@ from torch import Tensor
 from torch.distributions import constraints
 from torch.distributions.utils import lazy_property
 
-from . import _autograd, _conditioning, _information
+from . import _derivatives
 from ._checks import (
     LAYOUTS,
     PARAMETRIZATIONS,
     REDUCTIONS,
-    WRT,
     all_equal,
     check_choice,
     check_event_tensor,
@@ -33,10 +33,10 @@ from ._checks import (
     quiet_under_jit_trace,
     validate_parameter,
 )
-from ._derivatives import Residual, check_outs, per_sample, summed_matrix, summed_value
-from ._factor import TriangularFactor, factor_of_distribution
-from ._shapes import broadcast_shapes, event_dims, format_shape, sum_to
-from ._small import adopt, factor_of
+from ._dense import DenseGaussian
+from ._derivatives import Outputs
+from ._geometry import InformationGeometry
+from ._shapes import broadcast_shapes, event_dims, format_shape
 
 try:  # torch's private sampler of its MVN: torch.randn, or normal_ on a fresh tensor under torch.jit.trace
     from torch.distributions.utils import _standard_normal
@@ -48,31 +48,10 @@ except ImportError:  # another torch layout: the public equivalent
 
 __all__ = ["JacobianMVN"]
 
-Outputs = Union[Tensor, dict[str, Tensor]]
 _size = Union[torch.Size, list[int], tuple[int, ...]]
 
 
-class _cached:
-    """A private cache on the instance, computed on first use: torch's ``lazy_property`` (results with their graph
-    even when first asked for under ``torch.no_grad()``), without entering ``enable_grad`` where grad is enabled."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-        self.name = fn.__name__
-
-    def __get__(self, instance: Any, owner: Any = None) -> Any:
-        if instance is None:
-            return self
-        if torch.is_grad_enabled():
-            value = self.fn(instance)
-        else:
-            with torch.enable_grad():
-                value = self.fn(instance)
-        setattr(instance, self.name, value)  # shadows this (non-data) descriptor from now on
-        return value
-
-
-class JacobianMVN(pyro.distributions.MultivariateNormal):
+class JacobianMVN(InformationGeometry, pyro.distributions.MultivariateNormal):
     r"""A multivariate normal distribution with closed-form per-sample derivatives of its log-density.
 
     A drop-in for :class:`torch.distributions.MultivariateNormal` (it is one) and for Pyro's
@@ -129,23 +108,19 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
                 validate_parameter(name, matrix, constraints.lower_cholesky)
             elif not all_equal(matrix, matrix.mT):  # exactly symmetric, the usual case: no tolerance check
                 validate_parameter(name, matrix, constraints.symmetric)
-        self._setup(loc, name, matrix, factor_of(name, matrix), bool(validate_args), batch_shape)
+        self._setup(DenseGaussian.of(loc, name, matrix), bool(validate_args), batch_shape)
 
-    def _setup(
-        self, loc: Tensor, name: str, matrix: Tensor, factor: TriangularFactor, validate_args: bool, batch_shape: Any
-    ) -> None:
-        """The state every constructor leaves: torch's attributes (``loc`` and the given matrix as views of the
-        batch shape) and the unbroadcast tensors the methods compute with."""
+    def _setup(self, state: DenseGaussian, validate_args: bool, batch_shape: Any) -> None:
+        """What every constructor leaves: the structure, and torch's attributes (``loc`` and the given matrix as
+        views of the batch shape)."""
+        loc, matrix = state.loc, state.matrix
         event_shape = loc.shape[-1:]
         # What torch's Distribution.__init__ sets, with its checks done above: the rest of its MRO sets nothing.
         self._batch_shape, self._event_shape, self._validate_args = batch_shape, event_shape, validate_args
         self.loc = loc if loc.shape[:-1] == batch_shape else loc.expand(batch_shape + event_shape)
         full = matrix if matrix.shape[:-2] == batch_shape else matrix.expand(batch_shape + matrix.shape[-2:])
-        setattr(self, name, full)  # lazy_property has no setter: the instance's own attribute, as torch sets it
-        self._parametrization = name
-        self._unbroadcasted_loc = loc
-        self._unbroadcasted_matrix = matrix
-        self._factor = factor
+        setattr(self, state.parametrization, full)  # lazy_property has no setter: the instance's own, as torch sets
+        self._state = state
 
     @classmethod
     def from_distribution(cls, mvn: torch.distributions.MultivariateNormal) -> JacobianMVN:
@@ -171,13 +146,9 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         Returns:
             JacobianMVN: with the source's ``batch_shape``, ``event_shape``, parametrization and numbers.
         """
-        name, loc, matrix, factor = factor_of_distribution(mvn)
-        factor = adopt(factor)
+        state = DenseGaussian.of_distribution(mvn)
         new = cls.__new__(cls)
-        batch_shape = broadcast_shapes(loc.shape[:-1], matrix.shape[:-2])
-        new._setup(loc, name, matrix, factor, bool(mvn._validate_args), batch_shape)
-        if name == "precision_matrix" and "_unbroadcasted_scale_tril" in mvn.__dict__:
-            new._unbroadcasted_scale_tril = mvn.__dict__["_unbroadcasted_scale_tril"]
+        new._setup(state, bool(mvn._validate_args), broadcast_shapes(state.loc.shape[:-1], state.matrix.shape[:-2]))
         return new if new.batch_shape == mvn.batch_shape else new.expand(mvn.batch_shape)
 
     @quiet_under_jit_trace
@@ -205,13 +176,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         for name in PARAMETRIZATIONS:
             if name in self.__dict__:
                 setattr(new, name, self.__dict__[name].expand(batch_shape + self.event_shape + self.event_shape))
-        for name in _CACHED:
-            if name in self.__dict__:
-                setattr(new, name, self.__dict__[name])
-        new._parametrization = self._parametrization
-        new._unbroadcasted_loc = self._unbroadcasted_loc
-        new._unbroadcasted_matrix = self._unbroadcasted_matrix
-        new._factor = self._factor
+        new._state = self._state
         new._batch_shape, new._event_shape, new._validate_args = batch_shape, self._event_shape, self._validate_args
         return new
 
@@ -219,36 +184,27 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
     def parametrization(self) -> str:
         """The matrix argument the distribution was built with: ``"covariance_matrix"``,
         ``"precision_matrix"`` or ``"scale_tril"``."""
-        return self._parametrization
+        return self._state.parametrization
 
-    # Every derived matrix comes from the factor, the one state computed at construction, as torch's MVN derives its
-    # own from its scale_tril: an in-place change to the caller's matrix afterwards changes none of the methods'
-    # answers (only the caller's own tensor, which torch's MVN also keeps as its attribute), and an unvalidated matrix
-    # that is not symmetric means, throughout, the matrix its factorization read.
+    # Every derived matrix comes from the structure (see DenseGaussian): an in-place change to the caller's matrix
+    # afterwards changes none of the methods' answers (only the caller's own tensor, which torch's MVN also keeps as
+    # its attribute).
 
-    @_cached
-    def _unbroadcasted_scale_tril(self) -> Tensor:
-        return self._factor.scale_tril()
-
-    @_cached
-    def _unbroadcasted_sigma(self) -> Tensor:
-        return self._factor.covariance_matrix()
-
-    @_cached
-    def _unbroadcasted_sigma_inverse(self) -> Tensor:
-        return self._factor.precision_matrix()
+    @property  # torch's MVN holds it as an attribute, which code that dispatches on the class reads
+    def _unbroadcasted_scale_tril(self) -> Tensor:  # type: ignore[override]
+        return self._state.scale_tril
 
     @lazy_property
     def scale_tril(self) -> Tensor:
-        return self._unbroadcasted_scale_tril.expand(self._batch_shape + self._event_shape + self._event_shape)
+        return self._state.scale_tril.expand(self._batch_shape + self._event_shape + self._event_shape)
 
     @lazy_property
     def covariance_matrix(self) -> Tensor:
-        return self._unbroadcasted_sigma.expand(self._batch_shape + self._event_shape + self._event_shape)
+        return self._state.covariance_matrix.expand(self._batch_shape + self._event_shape + self._event_shape)
 
     @lazy_property
     def precision_matrix(self) -> Tensor:
-        return self._unbroadcasted_sigma_inverse.expand(self._batch_shape + self._event_shape + self._event_shape)
+        return self._state.precision_matrix.expand(self._batch_shape + self._event_shape + self._event_shape)
 
     @property
     def mean(self) -> Tensor:
@@ -260,15 +216,13 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
 
     @property
     def variance(self) -> Tensor:
-        return self._factor.variance().expand(self._batch_shape + self._event_shape)
+        return self._state.variance().expand(self._batch_shape + self._event_shape)
 
     @quiet_under_jit_trace
     def rsample(self, sample_shape: _size = torch.Size()) -> Tensor:
         shape = self._extended_shape(sample_shape)
         eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
-        noise = Residual(eps, self._factor)
-        # contiguous: a float32 triangular solve from the right (_factor._solve_rows) leaves its result column-major
-        return (self.loc + noise.full(noise.factor.color(noise.r))).contiguous()
+        return self.loc + self._state.color(eps)
 
     @quiet_under_jit_trace
     def log_prob(self, value: Tensor) -> Tensor:
@@ -284,13 +238,11 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         the error carries torch's "Expected value argument ... to be within the support" wording. A ``value`` of
         another floating dtype is converted to the distribution's.
         """
-        value = check_value(self, value)
-        covariance = self._unbroadcasted_matrix if self._parametrization == "covariance_matrix" else None
-        return _autograd.log_prob(value - self.loc, self._factor, covariance)
+        return self._state.log_prob(check_value(self, value) - self.loc)
 
     @quiet_under_jit_trace
     def entropy(self) -> Tensor:
-        return self._factor.entropy().expand(self._batch_shape)
+        return self._state.entropy().expand(self._batch_shape)
 
     # ----------------------------------------------------------------------------------------------
     # Derivatives, information geometry and Gaussian algebra.
@@ -352,10 +304,8 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         """
         names = check_wrt(wrt)
         check_choice("layout", layout, LAYOUTS)
-        res = self._residual(value)
-        outs = check_outs(out, wrt, names, res, layout, self._inputs(value))
-        result = {name: per_sample(res, name, layout, self._constant_term, outs.get(name)) for name in names}
-        return result if not isinstance(wrt, str) else result[wrt]
+        r = check_value(self, value) - self.loc
+        return _derivatives.jacobian(self._state, value, r, wrt, names, layout, out)
 
     @quiet_under_jit_trace
     def log_prob_and_grads(
@@ -386,120 +336,11 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         Returns:
             tuple: ``(log_prob, grads)``, ``log_prob`` of shape ``S`` and ``grads`` a dict keyed by ``wrt``.
         """
-        if wrt is None:
-            wrt = ("value", "loc", self._parametrization)
-        names = check_wrt(wrt)
+        names = check_wrt(("value", "loc", self._state.parametrization) if wrt is None else wrt)
         check_choice("layout", layout, LAYOUTS)
         check_choice("reduction", reduction, REDUCTIONS)
-        res = self._residual(value)
-        if reduction == "none":
-            outs = check_outs(out, tuple(names), names, res, layout, self._inputs(value))
-            grads = {name: per_sample(res, name, layout, self._constant_term, outs.get(name)) for name in names}
-        else:
-            if out is not None:
-                raise ValueError("out= is for reduction='none'; the summed gradients have the inputs' own shapes")
-            grads = {}
-            for name in names:
-                if name == "value":
-                    grads[name] = summed_value(res, value)
-                elif name == "loc":
-                    alpha = res.full_alpha()
-                    grads[name] = sum_to(alpha, self._unbroadcasted_loc.shape)
-                else:
-                    grads[name] = self._summed_matrix(res, name, layout)
-        return res.log_prob, grads
-
-    @quiet_under_jit_trace
-    def hessian(self, value: Tensor, wrt: str = "value") -> Tensor:
-        r"""Per-sample Hessian of ``log_prob(value)`` w.r.t. ``value`` or ``loc``, without autograd.
-
-        :math:`\log p` is quadratic in :math:`r = x - \mu`, so both Hessians are :math:`-P` for every point.
-
-        Args:
-            value (Tensor): points, shape broadcastable with ``batch_shape + (d,)`` (checked as in
-                :meth:`log_prob`; only its shape enters the result).
-            wrt (str): ``"value"`` or ``"loc"``.
-
-        Returns:
-            Tensor: :math:`-P` as an expanded view of shape ``S + (d, d)``, where
-            ``S = broadcast_shapes(value.shape[:-1], batch_shape)``.
-        """
-        check_choice("wrt", wrt, ("value", "loc"))
-        value = check_value(self, value)
-        shape = broadcast_shapes(value.shape[:-1], self._batch_shape) + self._event_shape + self._event_shape
-        return (-self._unbroadcasted_sigma_inverse).expand(shape)
-
-    @quiet_under_jit_trace
-    def fisher_information(self, wrt: str = "loc", *, layout: str = "vech") -> Tensor:
-        r"""The Fisher information matrix of each batch member, in closed form, in the coordinates of ``wrt``.
-
-        It is the covariance of the per-sample score ``jacobian(x, wrt, layout="vech")`` under ``x ~ self`` and
-        minus the expected Hessian of ``log_prob`` in those coordinates. For the matrices the coordinates are the
-        entries :math:`(i, j)`, :math:`i \ge j`, in ``torch.tril_indices`` order, and Isserlis' theorem (the fourth
-        moments of a Gaussian) gives, per batch member:
-
-        * ``"loc"``: :math:`P`;
-        * ``"covariance_matrix"`` and ``"precision_matrix"``: with :math:`M = P`, respectively :math:`M = \Sigma`,
-          and :math:`w_{ij} = 1` on the diagonal, 2 off it (the vech coordinate :math:`(i, j)` stands for both
-          :math:`(i, j)` and :math:`(j, i)`),
-          :math:`F_{(ij),(kl)} = \frac{w_{ij} w_{kl}}{4} (M_{ik} M_{jl} + M_{il} M_{jk})`, which is
-          :math:`\frac12 D^\top (M \otimes M) D` with the duplication matrix :math:`D`;
-        * ``"scale_tril"``: :math:`F_{(ij),(kl)} = P_{ik}\,\delta_{jl} + \delta_{ik}\delta_{jl}\delta_{ij} / L_{ii}^2`:
-          one block :math:`P_{j:,\,j:}` per column :math:`j` of :math:`L`, plus :math:`1 / L_{jj}^2` on the entries
-          of its diagonal.
-
-        The entries are gathered one by one (never through a :math:`d^2 \times d^2` Kronecker product) into the
-        output in chunks, after a check that it fits in the device's memory (``ValueError`` otherwise).
-
-        Args:
-            wrt (str): ``"loc"``, ``"covariance_matrix"``, ``"precision_matrix"`` or ``"scale_tril"``.
-            layout (str): ``"vech"``, the only layout for the matrices (in the full layout the
-                :math:`d^2 \times d^2` Fisher matrix is singular); ignored for ``"loc"``.
-
-        Returns:
-            Tensor: shape ``batch_shape + (d, d)`` for ``"loc"`` and ``batch_shape + (k, k)``,
-            ``k = d*(d+1)//2``, for a matrix (an expanded view of one matrix per member of the parameters' batch,
-            never one the distribution holds: editing it in place changes nothing else).
-        """
-        check_choice("wrt", wrt, WRT[1:])
-        check_choice("layout", layout, LAYOUTS)
-        info = _information.fisher_information(self, wrt, layout)
-        return info.expand(self._batch_shape + info.shape[-2:])
-
-    @quiet_under_jit_trace
-    def natural_gradient(self, grads: dict[str, Tensor], *args: NoReturn, **kwargs: NoReturn) -> dict[str, Tensor]:
-        r"""natural_gradient(grads)
-
-        Natural gradients :math:`F^{-1} g` from Euclidean ones, in :math:`O(d^3)` per member, never forming
-        :math:`F`: :math:`\Sigma g` for ``"loc"`` (two triangular solves with a precision factor),
-        :math:`2 \Sigma G \Sigma` for ``"covariance_matrix"``, :math:`2 P G P` for ``"precision_matrix"`` and
-        :math:`L\,\Phi(L^\top G)`, :math:`\Phi(X) = \operatorname{tril}(X, -1) + \frac12 \operatorname{diag}(X)`, for
-        ``"scale_tril"``.
-
-        ``G`` is the gradient in full ``(d, d)`` form, as :meth:`jacobian` or autograd returns it; only its symmetric
-        part (for ``"scale_tril"`` its lower triangle) is a gradient in the free coordinates, so that is what counts.
-        The vech of each result solves ``fisher_information(name) @ vech_result = vech_gradient`` (``jacobian``'s
-        ``layout="vech"`` convention). The Fisher information is block-diagonal in ``(loc, matrix)``, so each key is
-        transformed on its own.
-
-        Args:
-            grads (dict): ``"loc"`` → tensor broadcastable with ``batch_shape + (d,)``, and/or one of
-                ``"covariance_matrix"``, ``"precision_matrix"``, ``"scale_tril"`` → tensor broadcastable with
-                ``batch_shape + (d, d)``.
-
-        Returns:
-            dict: the same keys; shape ``broadcast_shapes(g.shape[:-1], batch_shape) + (d,)`` for ``"loc"`` and
-            ``broadcast_shapes(G.shape[:-2], batch_shape) + (d, d)`` for the matrix.
-
-        Raises:
-            ValueError: for anything but that one dict (such as ``natural_gradient(g, "loc")``, the way
-                :meth:`fisher_information` takes its ``wrt``: here the keys say which coordinates), for unknown
-                keys, gradients w.r.t. two matrices, and shapes that do not fit.
-        """
-        given: tuple[object, ...] = args  # arguments it does not take, for the error message
-        extra: dict[str, object] = {str(i): arg for i, arg in enumerate(given, 1)}
-        extra.update(kwargs)
-        return _information.natural_gradient(self, grads, extra)
+        r = check_value(self, value) - self.loc
+        return _derivatives.log_prob_and_grads(self._state, r, value, names, reduction, layout, out, self._batch_shape)
 
     def marginal(self, dims: Sequence[int] | Tensor) -> JacobianMVN:
         r"""The distribution of ``x[..., dims]``: mean ``loc[..., dims]``, covariance :math:`\Sigma_{aa}` with
@@ -525,7 +366,7 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
         a = event_dims(dims, self._event_shape[0])
         if not a:
             raise ValueError("marginal(dims) needs at least one event index; dims is empty")
-        loc, name, matrix = _conditioning.marginal(self, a)
+        loc, name, matrix = self._state.marginal(a)
         out = JacobianMVN(loc, **{name: matrix}, validate_args=self._validate_args)
         return out if out.batch_shape == self._batch_shape else out.expand(self._batch_shape)
 
@@ -568,43 +409,11 @@ class JacobianMVN(pyro.distributions.MultivariateNormal):
             check_finite("value", value)
         if not m:
             return self.expand(shape)
-        loc, name, matrix = _conditioning.condition(self, b, value.to(self.loc.dtype), shape)
+        loc, name, matrix = self._state.condition(b, value.to(self.loc.dtype), shape)
         return JacobianMVN(loc, **{name: matrix}, validate_args=self._validate_args)
-
-    # ----------------------------------------------------------------------------------------------
-    # Private helpers.
-
-    def _residual(self, value: Tensor) -> Residual:
-        # Sigma^{-1} for alpha only where the factor was itself computed (see _autograd.log_prob).
-        sigma_inverse = self._sigma_inverse_fn if self._parametrization == "covariance_matrix" else None
-        return Residual(check_value(self, value) - self.loc, self._factor, sigma_inverse)
-
-    def _inputs(self, value: Tensor) -> dict[str, Tensor]:
-        """The tensors the derivatives at ``value`` depend on, by name (the factor requires grad only where the matrix
-        it was computed from does)."""
-        return {"value": value, "loc": self._unbroadcasted_loc, self._parametrization: self._unbroadcasted_matrix}
-
-    def _sigma_inverse_fn(self) -> Tensor:
-        return self._unbroadcasted_sigma_inverse
-
-    def _constant_term(self, name: str) -> Tensor:
-        """The sample-independent term of the derivative w.r.t. the matrix ``name``, in the factor's batch shape."""
-        if name == "covariance_matrix":
-            return self._unbroadcasted_sigma_inverse
-        if name == "precision_matrix":
-            return self._unbroadcasted_sigma
-        return self._factor.inv_scale_diag()
-
-    def _summed_matrix(self, res: Residual, name: str, layout: str) -> Tensor:
-        # The gradient w.r.t. the tensor the user passed: the parametrization's own batch shape, else batch_shape.
-        batch_shape = self._unbroadcasted_matrix.shape[:-2] if name == self._parametrization else self._batch_shape
-        return summed_matrix(res, name, layout, self._constant_term(name), batch_shape)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(loc: {format_shape(self.loc.shape)}, "
-            f"{self._parametrization}: {format_shape(self.loc.shape + self._event_shape)})"
+            f"{self._state.parametrization}: {format_shape(self.loc.shape + self._event_shape)})"
         )
-
-
-_CACHED = ("_unbroadcasted_scale_tril", "_unbroadcasted_sigma", "_unbroadcasted_sigma_inverse")

@@ -1,0 +1,268 @@
+r"""The low-rank Gaussian: covariance :math:`\Sigma = W W^\top + \operatorname{diag}(D)`, never formed.
+
+:class:`LowRankGaussian` is the structure of :class:`~torch_mvn_ext.JacobianLowRankMVN`: ``loc``, the factor
+:math:`W` (``cov_factor``, ``B + (d, k)``), the diagonal :math:`D` (``cov_diag``, ``B + (d,)``) and the Cholesky
+factor :math:`C` of the capacitance :math:`I_k + W^\top D^{-1} W`, as torch's ``LowRankMultivariateNormal`` holds
+them. With :math:`r = x - \mu`, :math:`y = D^{-1} r`, :math:`t = W^\top y` and :math:`s = (C C^\top)^{-1} t`,
+Woodbury's identity gives
+
+.. math::
+
+    \alpha = \Sigma^{-1} r = y - D^{-1} W s, \qquad r^\top \Sigma^{-1} r = r^\top y - \|C^{-1} t\|^2,
+    \qquad W^\top \alpha = s,
+
+(the last from :math:`W^\top D^{-1} W = C C^\top - I`), so that a sample costs two GEMV-sized products with
+:math:`W` and two :math:`k \times k` triangular solves: :math:`O(dk)`, and a batch member :math:`O(dk^2)`. The
+derivatives, each a :class:`~torch_mvn_ext._gaussian.Term`:
+
+* ``"cov_factor"``: :math:`\alpha (\alpha^\top W) - \Sigma^{-1} W = \alpha s^\top - D^{-1} W (C C^\top)^{-1}`;
+* ``"cov_diag"``: :math:`\frac12 (\alpha \odot \alpha - \operatorname{diag}\Sigma^{-1})`, with
+  :math:`\operatorname{diag}\Sigma^{-1} = D^{-1} - \operatorname{rowsums}\big((D^{-1} W C^{-\top})^{\odot 2}\big)`.
+
+:class:`LogProb` is the log-density as a :class:`torch.autograd.Function` whose backward is this closed form
+(differentiable again, for double backward and ``torch.func``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._checks import _transforms_active
+from ._factor import CholeskyFactor
+from ._gaussian import DIAGONAL, GENERAL, GaussianState, Rows, Term
+from ._shapes import broadcast_shapes, sum_to
+from ._sums import centered_outer_sum
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def capacitance_tril(cov_factor: Tensor, cov_diag: Tensor) -> Tensor:
+    r"""The Cholesky factor of :math:`I + W^\top D^{-1} W` (torch's ``_batch_capacitance_tril``, out of place)."""
+    k = cov_factor.shape[-1]
+    gram = (cov_factor.mT / cov_diag.unsqueeze(-2)) @ cov_factor
+    return torch.linalg.cholesky(gram + torch.eye(k, dtype=gram.dtype, device=gram.device))
+
+
+def _solve(tril: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
+    r"""The rows :math:`C^{-1} x_i` (:math:`C^{-\top} x_i` with ``transpose``) of ``x`` (shape ``(..., c, k)``)."""
+    if transpose:
+        return torch.linalg.solve_triangular(tril.mT, x.mT, upper=True).mT
+    return torch.linalg.solve_triangular(tril, x.mT, upper=False).mT
+
+
+class LowRankRows(Rows):
+    """Residuals laid out against the structure's batch, with ``y``, ``t``, ``C^{-1} t``, ``s`` and ``alpha`` computed
+    once, on first use. Built from differentiable operations only."""
+
+    def __init__(self, r: Tensor, cov_factor: Tensor, cov_diag: Tensor, capacitance: Tensor) -> None:
+        super().__init__(r, broadcast_shapes(cov_factor.shape[:-2], cov_diag.shape[:-1]))
+        self.cov_factor = self.flat(cov_factor)
+        self.cov_diag = self.flat(cov_diag, 1)
+        self.capacitance = self.flat(capacitance)
+        self.y = self.r / self.cov_diag.unsqueeze(-2)
+        self.t = self.y @ self.cov_factor
+        self._w: Tensor | None = None
+        self._s: Tensor | None = None
+        self._alpha: Tensor | None = None
+
+    @property
+    def w(self) -> Tensor:
+        r""":math:`C^{-1} t`."""
+        if self._w is None:
+            self._w = _solve(self.capacitance, self.t)
+        return self._w
+
+    @property
+    def s(self) -> Tensor:
+        r""":math:`s = (C C^\top)^{-1} t = W^\top \alpha`."""
+        if self._s is None:
+            self._s = _solve(self.capacitance, self.w, transpose=True)
+        return self._s
+
+    @property
+    def alpha(self) -> Tensor:
+        if self._alpha is None:
+            self._alpha = self.y - (self.s @ self.cov_factor.mT) / self.cov_diag.unsqueeze(-2)
+        return self._alpha
+
+    @property
+    def log_prob(self) -> Tensor:
+        w = self.w
+        maha = torch.linalg.vecdot(self.r, self.y) - torch.linalg.vecdot(w, w)
+        half_log_det = CholeskyFactor(self.capacitance).half_log_det() + 0.5 * self.cov_diag.log().sum(-1)
+        if self.grouping is not None:
+            half_log_det = half_log_det.unsqueeze(-1)
+        return self.full_scalar(torch.add(-half_log_det - 0.5 * self.r.shape[-1] * _LOG_2PI, maha, alpha=-0.5))
+
+
+def _precision_times_factor(cov_factor: Tensor, cov_diag: Tensor, capacitance: Tensor) -> Tensor:
+    r""":math:`\Sigma^{-1} W = D^{-1} W (C C^\top)^{-1}`, shape ``B + (d, k)``: :math:`O(dk^2)`."""
+    scaled = cov_factor / cov_diag.unsqueeze(-1)
+    return torch.cholesky_solve(scaled.mT, capacitance).mT
+
+
+def _precision_diagonal(cov_factor: Tensor, cov_diag: Tensor, capacitance: Tensor) -> Tensor:
+    r""":math:`\operatorname{diag}\Sigma^{-1} = D^{-1} - \operatorname{rowsums}((D^{-1} W C^{-\top})^{\odot 2})`."""
+    a = _solve(capacitance, cov_factor / cov_diag.unsqueeze(-1), transpose=False)
+    return cov_diag.reciprocal() - a.pow(2).sum(-1)
+
+
+class LowRankGaussian(GaussianState):
+    r"""``loc``, ``cov_factor`` :math:`W`, ``cov_diag`` :math:`D` (unbroadcast, as the user passed them) and the
+    capacitance's Cholesky factor, of their broadcast batch shape."""
+
+    coordinates: tuple[str, ...] = ("cov_factor", "cov_diag")
+
+    def __init__(self, loc: Tensor, cov_factor: Tensor, cov_diag: Tensor, capacitance: Tensor) -> None:
+        self.loc = loc
+        self.cov_factor = cov_factor
+        self.cov_diag = cov_diag
+        self.capacitance = capacitance
+        self._constants: dict[str, Tensor] = {}
+
+    @classmethod
+    def of_distribution(cls, lowrank: Any) -> LowRankGaussian:
+        """The structure of a torch or Pyro ``LowRankMultivariateNormal``, its capacitance factor reused."""
+        state = getattr(lowrank, "_state", None)
+        if isinstance(state, LowRankGaussian):
+            return state
+        return cls(
+            lowrank.loc, lowrank._unbroadcasted_cov_factor, lowrank._unbroadcasted_cov_diag, lowrank._capacitance_tril
+        )
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.capacitance.shape[:-2]
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.cov_factor.requires_grad or self.cov_diag.requires_grad
+
+    def inputs(self) -> dict[str, Tensor]:
+        return {"loc": self.loc, "cov_factor": self.cov_factor, "cov_diag": self.cov_diag}
+
+    def rows(self, r: Tensor) -> LowRankRows:
+        return LowRankRows(r, self.cov_factor, self.cov_diag, self.capacitance)
+
+    def log_prob(self, r: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and (r.requires_grad or self.requires_grad) and not torch.compiler.is_compiling():
+            return LogProb.apply(r, self.cov_factor, self.cov_diag, self.capacitance.detach())
+        # Under torch.compile, plain differentiable operations (a compiled Function's backward records no graph).
+        return self.rows(r).log_prob
+
+    def _constant(self, name: str) -> Tensor:
+        """:math:`\\Sigma^{-1} W` or :math:`\\operatorname{diag}\\Sigma^{-1}`, computed once."""
+        if name not in self._constants:
+            fn = _precision_times_factor if name == "cov_factor" else _precision_diagonal
+            self._constants[name] = fn(self.cov_factor, self.cov_diag, self.capacitance)
+        return self._constants[name]
+
+    def term(self, rows: Rows, name: str) -> Term:
+        assert isinstance(rows, LowRankRows), "rows of this state"
+        if name == "cov_factor":
+            return Term(rows.alpha, rows.s, self._constant(name), 1.0, GENERAL)
+        return Term(rows.alpha, rows.alpha, self._constant(name), 0.5, DIAGONAL)
+
+    def term_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.cov_factor.shape[-2:]) if name == "cov_factor" else (self.size,)
+
+    def summed_shape(self, name: str, batch_shape: torch.Size) -> torch.Size:
+        return self.cov_factor.shape[:-2] if name == "cov_factor" else self.cov_diag.shape[:-1]
+
+    # KL divergences (kl.py): Sigma = R^T R + diag(v) with R = W^T, v = D.
+
+    def half_log_det(self) -> Tensor:
+        # The matrix determinant lemma: log det Sigma = log det C C^T + log det D.
+        return CholeskyFactor(self.capacitance).half_log_det() + 0.5 * self.cov_diag.log().sum(-1)
+
+    def quad(self, x: Tensor) -> Tensor:
+        r"""Woodbury: :math:`\sum_i \|D^{-1/2} x_i\|^2 - \|C^{-1} W^\top D^{-1} x_i\|^2`."""
+        y = x / self.cov_diag.unsqueeze(-2)
+        w = _solve(self.capacitance, y @ self.cov_factor)
+        return (x * y).sum((-2, -1)) - w.pow(2).sum((-2, -1))
+
+    def kl_rows(self) -> Tensor:
+        return self.cov_factor.mT
+
+    def kl_diagonal(self) -> Tensor:
+        return self.cov_diag
+
+    def precision_diagonal(self) -> Tensor:
+        return _precision_diagonal(self.cov_factor, self.cov_diag, self.capacitance)
+
+
+class LogProb(torch.autograd.Function):
+    r"""The log-density of the residuals ``r`` under :math:`W W^\top + \operatorname{diag}(D)`, with the closed-form
+    backward: for upstream weights :math:`g_s`,
+
+    .. math::
+
+        \bar r = -g\,\alpha, \qquad \bar W = \sum_s g_s \alpha_s s_s^\top - \Big(\sum_s g_s\Big) \Sigma^{-1} W,
+        \qquad \bar D = \tfrac12 \sum_s g_s \big(\alpha_s^{\odot 2} - \operatorname{diag}\Sigma^{-1}\big),
+
+    summed into the shapes of ``W`` and ``D`` as given. ``capacitance`` (detached) serves the first-order backward;
+    a backward that will itself be differentiated recomputes it from ``W`` and ``D``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(r: Tensor, cov_factor: Tensor, cov_diag: Tensor, capacitance: Tensor) -> Any:
+        return LowRankRows(r, cov_factor, cov_diag, capacitance).log_prob
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def jvp(ctx: Any, t_r: Tensor | None, t_factor: Tensor | None, t_diag: Tensor | None, _t_c: Any) -> Any:
+        r, cov_factor, cov_diag, capacitance = ctx.saved_tensors
+        rows = LowRankRows(r, cov_factor, cov_diag, capacitance)
+        out = torch.zeros(rows.r.shape[:-1], dtype=r.dtype, device=r.device)
+        if t_r is not None:
+            out = out - (rows.alpha * rows.group(t_r)).sum(-1)
+        if t_factor is not None:
+            tangent = rows.flat(t_factor.expand(rows_batch(rows, cov_factor, cov_diag) + cov_factor.shape[-2:]))
+            constant = rows.flat(_precision_times_factor(cov_factor, cov_diag, capacitance))
+            out = out + (rows.alpha * (rows.s @ tangent.mT)).sum(-1) - (constant * tangent).sum((-2, -1)).unsqueeze(-1)
+        if t_diag is not None:
+            tangent = rows.flat(t_diag.expand(rows_batch(rows, cov_factor, cov_diag) + cov_diag.shape[-1:]), 1)
+            diagonal = rows.flat(_precision_diagonal(cov_factor, cov_diag, capacitance), 1)
+            out = out + 0.5 * ((rows.alpha.pow(2) * tangent.unsqueeze(-2)).sum(-1) - (diagonal * tangent).sum(-1, True))
+        return rows.full_scalar(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None) -> Any:
+        if grad is None:
+            return None, None, None, None
+        r, cov_factor, cov_diag, capacitance = ctx.saved_tensors
+        if torch.is_grad_enabled() or _transforms_active():
+            capacitance = capacitance_tril(cov_factor, cov_diag)  # differentiable, for double backward
+        rows = LowRankRows(r, cov_factor, cov_diag, capacitance)
+        weights = rows.group(grad.unsqueeze(-1))
+        weighted_alpha = weights * rows.alpha
+        needs_r, needs_factor, needs_diag = ctx.needs_input_grad[:3]
+        grad_r = rows.full(weighted_alpha).neg() if needs_r else None
+        grad_factor = grad_diag = None
+        if needs_factor:
+            constant = rows.flat(_precision_times_factor(cov_factor, cov_diag, capacitance))
+            summed = centered_outer_sum(weighted_alpha, rows.s, constant, weights, scale=-1.0)
+            grad_factor = sum_to(rows.unflat(summed), cov_factor.shape)
+        if needs_diag:
+            diagonal = rows.flat(_precision_diagonal(cov_factor, cov_diag, capacitance), 1)
+            summed = 0.5 * (weighted_alpha * rows.alpha - weights * diagonal.unsqueeze(-2)).sum(-2)
+            if rows.grouping is not None:
+                summed = summed.reshape(rows.grouping.batch_shape + summed.shape[-1:])
+            grad_diag = sum_to(summed, cov_diag.shape)
+        return grad_r, grad_factor, grad_diag, None
+
+
+def rows_batch(rows: Rows, cov_factor: Tensor, cov_diag: Tensor) -> torch.Size:
+    """The structure's batch shape, which the rows are grouped against."""
+    return broadcast_shapes(cov_factor.shape[:-2], cov_diag.shape[:-1])
