@@ -444,7 +444,6 @@ def test_second_order_matches_torch(assert_close):
         assert_close(a, e)
 
 
-@pytest.mark.slow
 def test_gradcheck_and_gradgradcheck():
     params, x, _, _ = grid_case(((2, 1), (3,), (1,), (2, 1, 3)), d=3)
     inputs = [t.clone().requires_grad_() for t in (x, *params)]
