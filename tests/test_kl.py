@@ -192,6 +192,21 @@ def test_zero_between_a_lowrank_and_the_same_distribution_of_another_class():
         torch.testing.assert_close(kl_divergence(p, q), zero, rtol=0, atol=1e-12)
 
 
+def test_expanded_and_converted_lowrank(assert_close):
+    """An expanded JacobianLowRankMVN, and one converted from an expanded torch LowRankMultivariateNormal, meet the
+    others with the batch shape and numbers of the same distribution built with that batch shape."""
+    params = {k: v.detach() for k, v in random_params(LOWRANK_KIND, (3,), D).items()}
+    reference = build(LOWRANK_KIND, {k: v.expand((2,) + v.shape) for k, v in params.items()})
+    others = [build(kind, {k: v.detach() for k, v in random_params(kind, (3,), D).items()})
+              for kind in ("JacobianMVN-precision_matrix", "LowRankMultivariateNormal", "Independent(Normal)")]
+    expanded = build(LOWRANK_KIND, params).expand((2, 3))
+    converted = JacobianLowRankMVN.from_distribution(build("LowRankMultivariateNormal", params).expand((2, 3)))
+    for ours in (expanded, converted):
+        for other in others:
+            assert_close(kl_divergence(ours, other), kl_divergence(reference, other))
+            assert_close(kl_divergence(other, ours), kl_divergence(other, reference))
+
+
 MONTE_CARLO_PAIRS = [
     ("JacobianMVN-precision_matrix", "JacobianMVN-covariance_matrix"),
     ("JacobianMVN-scale_tril", "pyro.LowRankMultivariateNormal"),

@@ -17,14 +17,13 @@ import pytest
 import torch
 from helpers import LOWRANK_GRID, LOWRANK_IDS, LOWRANK_WRT, TOLERANCES, lowrank_params
 from torch.distributions import LowRankMultivariateNormal, MultivariateNormal, Normal
-from torch.func import grad, hessian, jacrev, vmap
+from torch.func import grad, hessian, jacfwd, jacrev, vmap
 
 import torch_mvn_ext
 from torch_mvn_ext import JacobianLowRankMVN
 
 D = 4
 RANK = 2
-PARAMETERS = LOWRANK_WRT[1:]  # the constructor's arguments, in order
 ARGNUM = {name: i for i, name in enumerate(LOWRANK_WRT)}  # positions in log_prob(x, loc, cov_factor, cov_diag)
 ATTRIBUTES = (
     "loc",
@@ -288,9 +287,16 @@ def test_jacobian_of_parameters_that_require_grad_is_differentiable(wrt, assert_
 
 
 def test_jacobian_under_vmap(assert_close):
-    _, x, ours, _ = grid_case(((), (), (), (6,)))
+    """vmap over the points, and over a batch of factors (each built into its own distribution inside vmap)."""
+    (loc, factor, diag), x, ours, _ = grid_case(((), (), (), (6,)))
     for wrt in LOWRANK_WRT:
         assert_close(vmap(lambda xi, wrt=wrt: ours.jacobian(xi, wrt))(x), ours.jacobian(x, wrt))
+    factors = torch.stack([factor * s for s in (0.5, 1.0, 2.0)])
+    for wrt in LOWRANK_WRT:
+        batched = vmap(lambda w, wrt=wrt: JacobianLowRankMVN(loc, w, diag, validate_args=False).jacobian(x, wrt))
+        assert_close(
+            batched(factors), torch.stack([JacobianLowRankMVN(loc, w, diag).jacobian(x, wrt) for w in factors])
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,6 +311,7 @@ def test_log_prob_and_grads_none_is_jacobian(shapes, assert_close):
     assert list(grads) == list(LOWRANK_WRT)
     for name in LOWRANK_WRT:
         assert_close(grads[name], ours.jacobian(x, name))
+    assert not lp.requires_grad and not any(g.requires_grad for g in grads.values())  # no graph recorded
     _, some = ours.log_prob_and_grads(x, ("cov_diag", "value"), reduction="none")
     assert list(some) == ["cov_diag", "value"]
 
@@ -462,6 +469,7 @@ def _ours_log_prob(x, loc, factor, diag):
 TRANSFORMS = {
     "grad": lambda f: grad(f, argnums=(0, 1, 2, 3)),
     "jacrev": lambda f: jacrev(f, argnums=(0, 1, 2, 3)),
+    "jacfwd": lambda f: jacfwd(f, argnums=(0, 1, 2, 3)),
     "hessian_value": lambda f: hessian(f, argnums=0),
     "hessian_cov_factor": lambda f: hessian(f, argnums=2),
     "hessian_cov_diag": lambda f: hessian(f, argnums=3),
