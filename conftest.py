@@ -36,7 +36,7 @@ def _doctest_names(request):
     from torch.distributions import MultivariateNormal, kl_divergence
 
     import torch_mvn_ext
-    from torch_mvn_ext import AutoJacobianMVN, JacobianMVN
+    from torch_mvn_ext import AutoJacobianLowRankMVN, AutoJacobianMVN, JacobianLowRankMVN, JacobianMVN
 
     namespace = request.getfixturevalue("doctest_namespace")
     namespace.update(
@@ -51,6 +51,8 @@ def _doctest_names(request):
         torch_mvn_ext=torch_mvn_ext,
         JacobianMVN=JacobianMVN,
         AutoJacobianMVN=AutoJacobianMVN,
+        JacobianLowRankMVN=JacobianLowRankMVN,
+        AutoJacobianLowRankMVN=AutoJacobianLowRankMVN,
         model=_model,
     )
     torch.manual_seed(0)

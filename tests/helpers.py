@@ -11,10 +11,10 @@ from typing import Callable
 
 import pytest
 import torch
-from torch.distributions import MultivariateNormal
+from torch.distributions import LowRankMultivariateNormal, MultivariateNormal
 from torch.func import grad, vmap
 
-from torch_mvn_ext import JacobianMVN
+from torch_mvn_ext import JacobianLowRankMVN, JacobianMVN
 
 PARAMETRIZATIONS = ("covariance_matrix", "precision_matrix", "scale_tril")
 WRT = ("value", "loc") + PARAMETRIZATIONS
@@ -182,7 +182,27 @@ DENSE = {
     for p in PARAMETRIZATIONS
 }
 
-STRUCTURES = [*DENSE.values()]
+
+
+def _low_rank_random_params(batch_shape, d, dtype=torch.float64, loc_batch_shape=None, rank=2):
+    loc = torch.randn(*(batch_shape if loc_batch_shape is None else loc_batch_shape), d, dtype=dtype)
+    cov_factor = torch.randn(*batch_shape, d, rank, dtype=dtype) / rank**0.5
+    cov_diag = torch.rand(*batch_shape, d, dtype=dtype) + 0.5
+    return {"loc": loc, "cov_factor": cov_factor, "cov_diag": cov_diag}
+
+
+# The low-rank Gaussian, W W^T + diag(D).
+LOW_RANK = Structure(
+    name="low_rank",
+    ours=JacobianLowRankMVN,
+    reference=LowRankMultivariateNormal,
+    params=("cov_factor", "cov_diag"),
+    wrt=("value", "loc", "cov_factor", "cov_diag"),
+    event_dims={"cov_factor": 2, "cov_diag": 1},
+    random_params=_low_rank_random_params,
+)
+
+STRUCTURES = [*DENSE.values(), LOW_RANK]
 
 # Parameter lists for the generic tests, with readable ids ("dense-covariance_matrix", "dense-scale_tril-loc",
 # "dense-precision_matrix-vech").
@@ -196,3 +216,31 @@ def grid_case(structure, shapes, d):
     loc_batch, mat_batch, x_batch = shapes
     params = structure.random_params(mat_batch, d, loc_batch_shape=loc_batch)
     return params, torch.randn(*x_batch, d, dtype=torch.float64)
+
+
+# The low-rank Gaussian: (loc batch, cov_factor batch, cov_diag batch, value batch), each parameter with its own
+# batch shape, broadcasting against the others (size-1 dimensions included), and values with extra sample dimensions.
+LOWRANK_WRT = ("value", "loc", "cov_factor", "cov_diag")
+LOWRANK_GRID = [
+    ((), (), (), ()),
+    ((), (), (), (7,)),
+    ((4,), (), (4,), (4,)),
+    ((4,), (4,), (), (5, 4)),
+    ((), (3,), (), (2, 3)),
+    ((), (), (3,), (3,)),
+    ((2, 1), (3,), (1,), (2, 3)),
+    ((8, 1), (), (6,), (8, 6)),
+    ((2, 3), (3,), (2, 1), (5, 1, 1)),
+]
+LOWRANK_IDS = [f"loc{a}-factor{b}-diag{c}-x{x}" for a, b, c, x in LOWRANK_GRID]
+
+
+def lowrank_params(shapes, d, rank, dtype=torch.float64):
+    """``(loc, cov_factor, cov_diag, x)`` for one entry of :data:`LOWRANK_GRID`; ``cov_diag`` in ``[0.5, 1.5)``."""
+    loc_batch, factor_batch, diag_batch, x_batch = shapes
+    return (
+        torch.randn(*loc_batch, d, dtype=dtype),
+        torch.randn(*factor_batch, d, rank, dtype=dtype),
+        torch.rand(*diag_batch, d, dtype=dtype) + 0.5,
+        torch.randn(*x_batch, d, dtype=dtype),
+    )

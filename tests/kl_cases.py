@@ -1,4 +1,5 @@
-"""The distribution kinds that meet a JacobianMVN in a KL divergence, and a dense float64 reference for them.
+"""The distribution kinds that meet a JacobianMVN or a JacobianLowRankMVN in a KL divergence, and a dense float64
+reference for them.
 
 Each kind is built from a dict of leaf tensors (``random_params``), so the same leaves feed our KL, the dense
 closed form (``dense``) and torch's own KL (``torch_equivalent``), and autograd can compare their gradients.
@@ -11,10 +12,11 @@ import torch
 from helpers import PARAMETRIZATIONS, matrix_for, random_spd
 from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal, Normal
 
-from torch_mvn_ext import JacobianMVN
+from torch_mvn_ext import JacobianLowRankMVN, JacobianMVN
 
 RANK = 2
 JACOBIAN_KINDS = tuple(f"JacobianMVN-{name}" for name in PARAMETRIZATIONS)
+LOWRANK_KIND = "JacobianLowRankMVN"
 OTHER_KINDS = (
     "MultivariateNormal",
     "pyro.MultivariateNormal",
@@ -23,10 +25,11 @@ OTHER_KINDS = (
     "Independent(Normal)",
     "pyro.Independent(pyro.Normal)",
 )
-KINDS = JACOBIAN_KINDS + OTHER_KINDS
+KINDS = JACOBIAN_KINDS + (LOWRANK_KIND,) + OTHER_KINDS
 DIAGONAL_KINDS = OTHER_KINDS[-2:]
-# Every ordered pair with at least one JacobianMVN side.
-PAIRS = [(p, q) for p, q in itertools.product(KINDS, KINDS) if p in JACOBIAN_KINDS or q in JACOBIAN_KINDS]
+OURS = JACOBIAN_KINDS + (LOWRANK_KIND,)
+# Every ordered pair with at least one side of this package's classes.
+PAIRS = [(p, q) for p, q in itertools.product(KINDS, KINDS) if p in OURS or q in OURS]
 PAIR_IDS = [f"{p}||{q}" for p, q in PAIRS]
 # The pyro MultivariateNormal is built from a precision matrix, torch's from a covariance matrix.
 _MVN_PARAMETRIZATION = {"MultivariateNormal": "covariance_matrix", "pyro.MultivariateNormal": "precision_matrix"}
@@ -55,6 +58,8 @@ def build(kind, params, validate_args=None):
     kw = dict(validate_args=validate_args)
     if kind.startswith("JacobianMVN"):
         return JacobianMVN(**params, **kw)
+    if kind == LOWRANK_KIND:
+        return JacobianLowRankMVN(**params, **kw)
     if kind == "MultivariateNormal":
         return MultivariateNormal(**params, **kw)
     if kind == "pyro.MultivariateNormal":
@@ -69,9 +74,11 @@ def build(kind, params, validate_args=None):
 
 
 def torch_equivalent(kind, params):
-    """The same distribution with no JacobianMVN in it, for torch's (or Pyro's) own KL."""
+    """The same distribution with none of this package's classes in it, for torch's (or Pyro's) own KL."""
     if kind.startswith("JacobianMVN"):
         return MultivariateNormal(**params)
+    if kind == LOWRANK_KIND:
+        return LowRankMultivariateNormal(**params)
     return build(kind, params)
 
 

@@ -28,8 +28,23 @@ def check_langevin(stdout):
     assert float(ula[1]) > 5 and float(ula[2]) < 4 and float(mala[1]) < 4, stdout
 
 
+def check_factor_analysis(stdout):
+    """The claims of its docstring: the fit's log-likelihood is at least the true parameters'; its mean and variances
+    are the sample's (exact properties of the maximum, up to the optimizer's tolerance); its covariance is the truth's
+    within Monte Carlo error; the per-sample scores give the exact standard errors of the mean."""
+    gain = re.search(r"^fitted minus true log-likelihood per point ([-+][\d.]+)", stdout, re.M)
+    mean = re.search(r"^fitted mean vs sample mean, largest error in sd ([\d.e+-]+)", stdout, re.M)
+    variances = re.search(r"^fitted variances vs sample variances, largest relative error ([\d.e+-]+)", stdout, re.M)
+    cov = re.search(r"^covariance vs truth, .*: fitted ([\d.]+), sample covariance ([\d.]+)", stdout, re.M)
+    se = re.search(r"^standard errors of the mean from the per-sample scores .* ([\d.]+) to ([\d.]+)", stdout, re.M)
+    assert gain and mean and variances and cov and se, stdout
+    assert float(gain[1]) >= 0 and float(mean[1]) < 1e-4 and float(variances[1]) < 1e-4, stdout
+    assert float(cov[1]) < 5 and float(cov[1]) < 1.5 * float(cov[2]), stdout
+    assert 0.95 < float(se[1]) <= float(se[2]) < 1.05, stdout
+
+
 # What an example's output must show, beyond running: the claim its docstring makes, where it is a number.
-CLAIMS = {"langevin.py": check_langevin}
+CLAIMS = {"langevin.py": check_langevin, "factor_analysis.py": check_factor_analysis}
 
 
 @pytest.mark.parametrize(

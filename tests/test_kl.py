@@ -1,6 +1,9 @@
-"""kl_divergence for every pair with a JacobianMVN side: values, dispatch, broadcasting, Monte Carlo and errors."""
+"""kl_divergence for every pair with a JacobianMVN or JacobianLowRankMVN side: values, dispatch, broadcasting, Monte
+Carlo, memory and errors."""
 
+import importlib.util
 import itertools
+import pathlib
 
 import pyro
 import pyro.distributions as pyro_dist
@@ -10,6 +13,7 @@ from helpers import random_spd
 from kl_cases import (
     JACOBIAN_KINDS,
     KINDS,
+    LOWRANK_KIND,
     OTHER_KINDS,
     PAIR_IDS,
     PAIRS,
@@ -32,14 +36,15 @@ from torch.distributions import (
 from torch.distributions.kl import _dispatch_kl
 
 import torch_mvn_ext.kl
-from torch_mvn_ext import JacobianMVN
+from torch_mvn_ext import JacobianLowRankMVN, JacobianMVN
 
 D = 3
 # (p batch, q batch): unbatched, either side with fewer batch dimensions, and a pair that only broadcasts.
 KL_SHAPES = [((), ()), ((2, 3), (3,)), ((3,), (2, 3)), ((8, 1), (6,))]
 KL_SHAPE_IDS = [f"p{p}-q{q}" for p, q in KL_SHAPES]
-# Pairs that torch or Pyro already cover once the JacobianMVN is replaced by torch's MultivariateNormal.
-TORCH_PAIRS = [(p, q) for p, q in PAIRS if "Independent" not in q]
+# Pairs that torch or Pyro already cover once the JacobianMVN is replaced by torch's MultivariateNormal and the
+# JacobianLowRankMVN by torch's LowRankMultivariateNormal (Pyro's Independent rule takes a MultivariateNormal q only).
+TORCH_PAIRS = [(p, q) for p, q in PAIRS if "Independent" not in q and not ("Independent" in p and "LowRank" in q)]
 # One pair per branch of the formula: q whitens with L, with T, through Woodbury or by its scales; p brings L,
 # T = L^{-1}, a low-rank factor with a diagonal, or only a diagonal.
 FORMULA_PAIRS = [
@@ -53,6 +58,21 @@ FORMULA_PAIRS = [
     ("Independent(Normal)", "JacobianMVN-scale_tril"),
     ("pyro.Independent(pyro.Normal)", "JacobianMVN-precision_matrix"),
 ]
+# One pair per partner of a JacobianLowRankMVN, each way: itself, each parametrization of JacobianMVN, torch's and
+# Pyro's full-rank and low-rank classes, and the diagonal ones.
+LOWRANK_PAIRS = [
+    (LOWRANK_KIND, LOWRANK_KIND),
+    (LOWRANK_KIND, "JacobianMVN-covariance_matrix"),
+    ("JacobianMVN-precision_matrix", LOWRANK_KIND),
+    (LOWRANK_KIND, "JacobianMVN-scale_tril"),
+    ("MultivariateNormal", LOWRANK_KIND),
+    (LOWRANK_KIND, "pyro.MultivariateNormal"),
+    (LOWRANK_KIND, "LowRankMultivariateNormal"),
+    ("pyro.LowRankMultivariateNormal", LOWRANK_KIND),
+    (LOWRANK_KIND, "Independent(Normal)"),
+    ("pyro.Independent(pyro.Normal)", LOWRANK_KIND),
+]
+LOWRANK_PAIR_IDS = [f"{p}||{q}" for p, q in LOWRANK_PAIRS]
 OTHER_TYPES = (
     MultivariateNormal,
     pyro_dist.MultivariateNormal,
@@ -96,7 +116,22 @@ def test_dispatch_is_unambiguous_and_ours(p_type, q_type):
     assert fun.__module__ == torch_mvn_ext.kl.__name__
 
 
-@pytest.mark.parametrize("p_kind, q_kind", FORMULA_PAIRS, ids=[f"{p}||{q}" for p, q in FORMULA_PAIRS])
+@pytest.mark.parametrize("p_type, q_type", [
+    *itertools.product((JacobianLowRankMVN,), (JacobianLowRankMVN, JacobianMVN) + OTHER_TYPES),
+    *itertools.product((JacobianMVN,) + OTHER_TYPES, (JacobianLowRankMVN,)),
+], ids=lambda t: f"{t.__module__.split('.')[0]}.{t.__name__}")
+def test_lowrank_dispatch_is_unambiguous(p_type, q_type):
+    """torch's dispatcher finds a rule for every type pair with a JacobianLowRankMVN side, without its "Ambiguous
+    kl_divergence" RuntimeWarning (an error here). Where torch has a rule of its own for the base classes (low-rank
+    or full-rank against low-rank) it may be the one found; every other pair can only be this package's."""
+    fun = _dispatch_kl(p_type, q_type)
+    assert fun is not NotImplemented
+    if not all(issubclass(t, (LowRankMultivariateNormal, MultivariateNormal)) for t in (p_type, q_type)):
+        assert fun.__module__.split(".")[0] == "torch_mvn_ext", fun.__module__
+
+
+@pytest.mark.parametrize("p_kind, q_kind", FORMULA_PAIRS + LOWRANK_PAIRS, ids=[
+    f"{p}||{q}" for p, q in FORMULA_PAIRS + LOWRANK_PAIRS])
 def test_batched_equals_looped(p_kind, q_kind, assert_close):
     p_batch, q_batch = (4, 1), (3,)
     batch_shape = torch.broadcast_shapes(p_batch, q_batch)
@@ -139,12 +174,56 @@ def test_zero_between_two_parametrizations_of_one_distribution(jacobian_kind, ki
         torch.testing.assert_close(kl_divergence(p, q), zero, rtol=0, atol=1e-12)
 
 
+def test_zero_between_a_lowrank_and_the_same_distribution_of_another_class():
+    """KL(p, q) = KL(q, p) = 0 between a JacobianLowRankMVN and itself, torch's and Pyro's low-rank classes with the
+    same parameters, a JacobianMVN and MultivariateNormal of its covariance, and (with a zero factor) Independent."""
+    params = {k: v.detach() for k, v in random_params(LOWRANK_KIND, (2,), D).items()}
+    ours = build(LOWRANK_KIND, params)
+    loc, cov = dense(LOWRANK_KIND, params)
+    others = [
+        ours,
+        build(LOWRANK_KIND, params),
+        build("LowRankMultivariateNormal", params),
+        build("pyro.LowRankMultivariateNormal", params),
+        build("MultivariateNormal", {"loc": loc, "covariance_matrix": cov}),
+        *(build(k, params_from_dense(k, loc, cov)) for k in JACOBIAN_KINDS),
+    ]
+    zero = torch.zeros(2, dtype=torch.float64)
+    for other in others:
+        for p, q in ((ours, other), (other, ours)):
+            torch.testing.assert_close(kl_divergence(p, q), zero, rtol=0, atol=1e-12)
+    diagonal = JacobianLowRankMVN(params["loc"], torch.zeros_like(params["cov_factor"]), params["cov_diag"])
+    independent = build("Independent(Normal)", {"loc": params["loc"], "scale": params["cov_diag"].sqrt()})
+    for p, q in ((diagonal, independent), (independent, diagonal)):
+        torch.testing.assert_close(kl_divergence(p, q), zero, rtol=0, atol=1e-12)
+
+
+def test_expanded_and_converted_lowrank(assert_close):
+    """An expanded JacobianLowRankMVN, and one converted from an expanded torch LowRankMultivariateNormal, meet the
+    others with the batch shape and numbers of the same distribution built with that batch shape."""
+    params = {k: v.detach() for k, v in random_params(LOWRANK_KIND, (3,), D).items()}
+    reference = build(LOWRANK_KIND, {k: v.expand((2,) + v.shape) for k, v in params.items()})
+    others = [build(kind, {k: v.detach() for k, v in random_params(kind, (3,), D).items()})
+              for kind in ("JacobianMVN-precision_matrix", "LowRankMultivariateNormal", "Independent(Normal)")]
+    expanded = build(LOWRANK_KIND, params).expand((2, 3))
+    converted = JacobianLowRankMVN.from_distribution(build("LowRankMultivariateNormal", params).expand((2, 3)))
+    for ours in (expanded, converted):
+        for other in others:
+            assert_close(kl_divergence(ours, other), kl_divergence(reference, other))
+            assert_close(kl_divergence(other, ours), kl_divergence(other, reference))
+
+
 MONTE_CARLO_PAIRS = [
     ("JacobianMVN-precision_matrix", "JacobianMVN-covariance_matrix"),
     ("JacobianMVN-scale_tril", "pyro.LowRankMultivariateNormal"),
     ("JacobianMVN-covariance_matrix", "Independent(Normal)"),
     ("LowRankMultivariateNormal", "JacobianMVN-precision_matrix"),
     ("pyro.Independent(pyro.Normal)", "JacobianMVN-scale_tril"),
+    (LOWRANK_KIND, LOWRANK_KIND),
+    (LOWRANK_KIND, "JacobianMVN-precision_matrix"),
+    ("JacobianMVN-scale_tril", LOWRANK_KIND),
+    ("Independent(Normal)", LOWRANK_KIND),
+    (LOWRANK_KIND, "pyro.LowRankMultivariateNormal"),
 ]
 
 
@@ -168,6 +247,24 @@ def test_event_size_mismatch_names_both_shapes(kind):
         pattern = rf"event_shape \({p.event_shape[0]},\) .*event_shape \({q.event_shape[0]},\)"
         with pytest.raises(ValueError, match=pattern):
             kl_divergence(p, q)
+
+
+@pytest.mark.parametrize("kind", (LOWRANK_KIND,) + JACOBIAN_KINDS + OTHER_KINDS)
+def test_lowrank_event_size_mismatch_raises_value_error(kind):
+    ours = JacobianLowRankMVN(torch.zeros(D), torch.ones(D, 2), torch.ones(D))
+    other = build(kind, {k: v.detach().float() for k, v in random_params(kind, (), D + 1).items()})
+    for p, q in ((ours, other), (other, ours)):
+        with pytest.raises(ValueError, match="event"):
+            kl_divergence(p, q)
+
+
+def test_lowrank_batch_mismatch_raises_value_error():
+    p = JacobianLowRankMVN(torch.zeros(2, D), torch.ones(D, 2), torch.ones(D))
+    for q in (JacobianMVN(torch.zeros(3, D), precision_matrix=torch.eye(D)),
+              JacobianLowRankMVN(torch.zeros(3, D), torch.ones(D, 2), torch.ones(D))):
+        for pair in ((p, q), (q, p)):
+            with pytest.raises(ValueError, match=r"(?s)(?=.*\b2\b)(?=.*\b3\b)"):
+                kl_divergence(*pair)
 
 
 def test_batch_mismatch_names_both_shapes():
@@ -202,7 +299,8 @@ def test_independent_delta_keeps_pyros_rule(assert_close):
     assert_close(kl, -MultivariateNormal(loc, cov).log_prob(v))
 
 
-@pytest.mark.parametrize("p_kind, q_kind", FORMULA_PAIRS, ids=[f"{p}||{q}" for p, q in FORMULA_PAIRS])
+@pytest.mark.parametrize("p_kind, q_kind", FORMULA_PAIRS + LOWRANK_PAIRS, ids=[
+    f"{p}||{q}" for p, q in FORMULA_PAIRS + LOWRANK_PAIRS])
 def test_float32(p_kind, q_kind, assert_close):
     p_params, q_params = random_params(p_kind, (2,), D), random_params(q_kind, (2,), D)
     kl64 = kl_divergence(build(p_kind, p_params), build(q_kind, q_params))
@@ -225,3 +323,65 @@ def test_trace_mean_field_elbo_uses_the_closed_form(assert_close):
 
     loss = pyro.infer.TraceMeanField_ELBO().differentiable_loss(model, guide)
     assert_close(loss, dense_kl(guide_loc, guide_cov, prior_loc, prior_cov))
+
+
+def test_trace_mean_field_elbo_uses_the_closed_form_for_a_lowrank_guide(assert_close):
+    """The same with a JacobianLowRankMVN guide and a full-rank prior."""
+    prior_loc, prior_cov = torch.randn(D, dtype=torch.float64), random_spd((), D)
+    params = {k: v.detach() for k, v in random_params(LOWRANK_KIND, (), D).items()}
+
+    def model():
+        pyro.sample("z", pyro_dist.MultivariateNormal(prior_loc, prior_cov))
+
+    def guide():
+        pyro.sample("z", JacobianLowRankMVN(**params))
+
+    loss = pyro.infer.TraceMeanField_ELBO().differentiable_loss(model, guide)
+    assert_close(loss, dense_kl(*dense(LOWRANK_KIND, params), prior_loc, prior_cov))
+
+
+def peak_bytes(fn):
+    """Peak bytes of torch tensors held at once during one call of ``fn``, as ``benchmarks/run.py`` measures it."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.peak_bytes(fn)
+
+
+BIG_D = 2048
+CHEAP_PAIRS = [
+    (LOWRANK_KIND, LOWRANK_KIND),
+    (LOWRANK_KIND, "LowRankMultivariateNormal"),
+    ("pyro.LowRankMultivariateNormal", LOWRANK_KIND),
+    (LOWRANK_KIND, "Independent(Normal)"),
+    ("Independent(Normal)", LOWRANK_KIND),
+]
+
+
+# torch 2.11's profiler says, on a second profile in one process, that each profile keeps only its own events.
+@pytest.mark.filterwarnings("ignore:Warning. Profiler clears events:UserWarning")
+@pytest.mark.parametrize("p_kind, q_kind", CHEAP_PAIRS, ids=[f"{p}||{q}" for p, q in CHEAP_PAIRS])
+def test_lowrank_and_diagonal_pairs_form_no_d_by_d_matrix(p_kind, q_kind, assert_close):
+    """O(d k^2) per member when both sides are low-rank or diagonal: at d = 2048 the KL holds far less than one
+    d x d float64 matrix (33.5 MB), and it still equals torch's low-rank rule."""
+    p_params = {k: v.detach() for k, v in random_params(p_kind, (), BIG_D).items()}
+    q_params = {k: v.detach() for k, v in random_params(q_kind, (), BIG_D).items()}
+
+    def run():
+        return kl_divergence(build(p_kind, p_params, validate_args=False), build(q_kind, q_params, validate_args=False))
+
+    run()  # warm up: one-off allocations are not counted
+    peak, kl = peak_bytes(run)
+    dense_bytes = BIG_D * BIG_D * 8
+    assert peak < dense_bytes / 4, f"peak {peak} bytes is {peak / dense_bytes:.2f} of a d x d float64 matrix"
+    # torch's own low-rank rule, O(d k^2) too, with a diagonal side written as a zero-factor low-rank Gaussian.
+    expected = kl_divergence(_as_torch_lowrank(p_kind, p_params), _as_torch_lowrank(q_kind, q_params))
+    assert_close(kl, expected, rtol=1e-8, atol=1e-8)
+
+
+def _as_torch_lowrank(kind, params):
+    if "Independent" in kind:
+        scale = params["scale"]
+        return LowRankMultivariateNormal(params["loc"], scale.new_zeros(scale.shape + (1,)), scale**2)
+    return LowRankMultivariateNormal(**params)

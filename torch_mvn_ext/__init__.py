@@ -2,10 +2,17 @@
 
 from . import kl  # noqa: F401  (registers the KL divergences)
 from ._factor import NotPositiveDefiniteError
-from .autoguide import AutoJacobianMVN
+from .autoguide import AutoJacobianLowRankMVN, AutoJacobianMVN
 from .jacobian_lowrank_mvn import JacobianLowRankMVN
 from .jacobian_mvn import JacobianMVN
 
 __version__ = "0.1.0"
 
-__all__ = ["AutoJacobianMVN", "JacobianLowRankMVN", "JacobianMVN", "NotPositiveDefiniteError", "__version__"]
+__all__ = [
+    "AutoJacobianLowRankMVN",
+    "AutoJacobianMVN",
+    "JacobianLowRankMVN",
+    "JacobianMVN",
+    "NotPositiveDefiniteError",
+    "__version__",
+]
