@@ -107,6 +107,11 @@ class Structure:
     # layout name -> function(full, wrt) giving that layout of a full-layout derivative w.r.t. wrt.
     layouts: dict = field(default_factory=lambda: {"full": _full})
 
+    def layout_kwargs(self, layout):
+        """The keyword arguments that ask ``jacobian`` for ``layout``: none where the class has only the full one
+        (and no ``layout`` argument)."""
+        return {} if list(self.layouts) == ["full"] else {"layout": layout}
+
     def pair(self, params, **kwargs):
         """The same distribution as ours and as torch's."""
         return self.ours(**params, **kwargs), self.reference(**params, **kwargs)

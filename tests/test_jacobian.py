@@ -87,12 +87,13 @@ def test_tuple_wrt_returns_a_dict_and_layout_is_ignored_for_vectors(assert_close
 def test_log_prob_and_grads_none_equals_jacobian(structure, layout, assert_close):
     d = structure.ours(**structure.random_params((3,), D, loc_batch_shape=(2, 1)))
     x = torch.randn(4, 2, 3, D, dtype=torch.float64)
-    lp, grads = d.log_prob_and_grads(x, layout=layout)
+    kw = structure.layout_kwargs(layout)
+    lp, grads = d.log_prob_and_grads(x, **kw)
     assert list(grads) == ["value", "loc", *structure.params]
     assert_close(lp, d.log_prob(x))
     for name, g in grads.items():
-        assert_close(g, d.jacobian(x, name, layout=layout))
-    _, all_grads = d.log_prob_and_grads(x, structure.wrt, layout=layout)
+        assert_close(g, d.jacobian(x, name, **kw))
+    _, all_grads = d.log_prob_and_grads(x, structure.wrt, **kw)
     assert list(all_grads) == list(structure.wrt)
 
 
@@ -113,7 +114,7 @@ def test_sum_reduction_matches_autograd(structure, layout, case, assert_close):
     params = structure.random_params(batch, D, loc_batch_shape=loc_shape[:-1])
     x = torch.randn(x_shape, dtype=torch.float64)
     d = structure.ours(**params)
-    lp, grads = d.log_prob_and_grads(x, structure.wrt, reduction="sum", layout=layout)
+    lp, grads = d.log_prob_and_grads(x, structure.wrt, reduction="sum", **structure.layout_kwargs(layout))
     for name in structure.wrt:
         # The tensors the user passed; for a wrt the constructor does not take, its batch_shape tensor.
         leaves = {k: v.clone() for k, v in structure.reparametrize(params, name).items()}

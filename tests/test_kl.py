@@ -1,9 +1,7 @@
 """kl_divergence for every pair with a JacobianMVN or JacobianLowRankMVN side: values, dispatch, broadcasting, Monte
 Carlo, memory and errors."""
 
-import importlib.util
 import itertools
-import pathlib
 
 import pyro
 import pyro.distributions as pyro_dist
@@ -26,6 +24,7 @@ from kl_cases import (
     reference_kl,
     torch_equivalent,
 )
+from timing import peak_bytes  # benchmarks/timing.py: peak memory as the benchmark measures it
 from torch.distributions import (
     Independent,
     LowRankMultivariateNormal,
@@ -338,15 +337,6 @@ def test_trace_mean_field_elbo_uses_the_closed_form_for_a_lowrank_guide(assert_c
 
     loss = pyro.infer.TraceMeanField_ELBO().differentiable_loss(model, guide)
     assert_close(loss, dense_kl(*dense(LOWRANK_KIND, params), prior_loc, prior_cov))
-
-
-def peak_bytes(fn):
-    """Peak bytes of torch tensors held at once during one call of ``fn``, as ``benchmarks/run.py`` measures it."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_run", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.peak_bytes(fn)
 
 
 BIG_D = 2048

@@ -6,16 +6,15 @@ The closed-form derivatives are checked against per-sample ``torch.func.vmap(gra
 ``torch.func`` through torch's class; the memory of the derivatives against the size of a d x d matrix.
 """
 
-import importlib.util
 import inspect
 import itertools
 import math
-import pathlib
 
 import pyro.distributions as pyro_dist
 import pytest
 import torch
 from helpers import LOWRANK_GRID, LOWRANK_IDS, LOWRANK_WRT, TOLERANCES, lowrank_params
+from timing import peak_bytes  # benchmarks/timing.py: peak memory as the benchmark measures it
 from torch.distributions import LowRankMultivariateNormal, MultivariateNormal, Normal
 from torch.func import grad, hessian, jacfwd, jacrev, vmap
 
@@ -648,15 +647,6 @@ def test_layout_is_not_an_argument():
 
 # --------------------------------------------------------------------------------------------------
 # 9. No d x d matrix: the derivatives stay O(dk) per sample in memory.
-
-
-def peak_bytes(fn):
-    """Peak bytes of torch tensors held at once during one call of ``fn``, as ``benchmarks/run.py`` measures it."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_run", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.peak_bytes(fn)
 
 
 BIG_D, BIG_RANK, BIG_N = 2048, 4, 8
