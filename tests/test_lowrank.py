@@ -572,6 +572,32 @@ def test_constructor_raises_value_error_where_torch_does(case):
         CONSTRUCTOR_CASES[case](JacobianLowRankMVN)
 
 
+# Mistakes torch's class reports from deep inside (IndexError, AttributeError, RuntimeError): a ValueError naming them.
+STRUCTURAL_CASES = {
+    "rank-0": (lambda: JacobianLowRankMVN(_t(3), _t(3, 0), _t(3)), r"cov_factor has shape \(3, 0\).*rank k >= 1"),
+    "list-loc": (lambda: JacobianLowRankMVN([0.0] * 3, _t(3, 2), _t(3)), r"loc must be a torch.Tensor, got list"),
+    "integer-loc": (
+        lambda: JacobianLowRankMVN(torch.zeros(3, dtype=torch.int64), _t(3, 2), _t(3)),
+        r"loc has dtype torch.int64",
+    ),
+    "mixed-dtypes": (
+        lambda: JacobianLowRankMVN(_t(3).float(), _t(3, 2), _t(3)),
+        r"loc has dtype torch.float32 but cov_factor has dtype torch.float64",
+    ),
+    "mixed-devices": (
+        lambda: JacobianLowRankMVN(_t(3), _t(3, 2), _t(3).to("meta")),
+        r"loc is on device cpu but cov_diag is on device meta",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", STRUCTURAL_CASES)
+def test_structural_mistakes_raise_value_errors_naming_them(case):
+    build, pattern = STRUCTURAL_CASES[case]
+    with pytest.raises(ValueError, match=pattern):
+        build()
+
+
 def test_non_positive_cov_diag_is_refused_under_validation():
     with pytest.raises((ValueError, torch.linalg.LinAlgError)):
         LowRankMultivariateNormal(_t(3), _t(3, 2), -_t(3), validate_args=True)

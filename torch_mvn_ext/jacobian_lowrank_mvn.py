@@ -14,7 +14,14 @@ import torch
 from torch import Tensor
 
 from . import _derivatives
-from ._checks import REDUCTIONS, check_choice, check_value, check_wrt, quiet_under_jit_trace
+from ._checks import (
+    REDUCTIONS,
+    check_choice,
+    check_low_rank_parameters,
+    check_value,
+    check_wrt,
+    quiet_under_jit_trace,
+)
 from ._derivatives import Outputs
 from ._lowrank import LowRankGaussian
 from ._shapes import format_shape
@@ -54,6 +61,7 @@ class JacobianLowRankMVN(pyro.distributions.LowRankMultivariateNormal):
     """
 
     def __init__(self, loc: Tensor, cov_factor: Tensor, cov_diag: Tensor, validate_args: bool | None = None) -> None:
+        check_low_rank_parameters(loc, cov_factor, cov_diag)
         super().__init__(loc, cov_factor, cov_diag, validate_args=validate_args)
         self._state = LowRankGaussian(loc, cov_factor, cov_diag, self._capacitance_tril)
 
