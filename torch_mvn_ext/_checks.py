@@ -185,29 +185,6 @@ def _parameter_error(loc: object, name: str, matrix: object) -> ValueError:
     return ValueError(f"loc is on device {loc.device} but {name} is on device {matrix.device}")
 
 
-def check_low_rank_parameters(loc: object, cov_factor: object, cov_diag: object) -> None:
-    """The structural requirements of ``JacobianLowRankMVN``'s arguments, each failure a ``ValueError`` that names
-    it (torch's class raises deep ``IndexError``, ``AttributeError`` or ``RuntimeError`` for several of them); the
-    shape checks torch's constructor makes follow, with its messages."""
-    args = {"loc": loc, "cov_factor": cov_factor, "cov_diag": cov_diag}
-    for name, t in args.items():
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"{name} has dtype {t.dtype}, but JacobianLowRankMVN works in float32 or float64")
-    tensors = cast(dict[str, Tensor], args)
-    for name, t in tensors.items():
-        if t.dtype != tensors["loc"].dtype:
-            raise ValueError(f"loc has dtype {tensors['loc'].dtype} but {name} has dtype {t.dtype}; pass one dtype")
-        if t.device != tensors["loc"].device:
-            raise ValueError(f"loc is on device {tensors['loc'].device} but {name} is on device {t.device}")
-    factor = tensors["cov_factor"]
-    if factor.dim() >= 2 and factor.shape[-1] == 0:
-        raise ValueError(
-            f"cov_factor has shape {format_shape(factor.shape)}: it needs at least one column (rank k >= 1)"
-        )
-
-
 def check_event_tensor(
     name: str,
     t: object,

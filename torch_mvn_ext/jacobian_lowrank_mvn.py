@@ -7,7 +7,7 @@ It holds one :class:`~torch_mvn_ext._lowrank.LowRankGaussian` and delegates to i
 
 from __future__ import annotations
 
-from typing import Union, overload
+from typing import Union, cast, overload
 
 import pyro.distributions
 import torch
@@ -17,7 +17,6 @@ from . import _derivatives
 from ._checks import (
     REDUCTIONS,
     check_choice,
-    check_low_rank_parameters,
     check_value,
     check_wrt,
     quiet_under_jit_trace,
@@ -30,6 +29,29 @@ __all__ = ["JacobianLowRankMVN"]
 
 WRT = ("value", "loc", "cov_factor", "cov_diag")
 _size = Union[torch.Size, list[int], tuple[int, ...]]
+
+
+def _check_parameters(loc: object, cov_factor: object, cov_diag: object) -> None:
+    """The structural requirements of ``JacobianLowRankMVN``'s arguments, each failure a ``ValueError`` that names
+    it (torch's class raises deep ``IndexError``, ``AttributeError`` or ``RuntimeError`` for several of them); the
+    shape checks torch's constructor makes follow, with its messages."""
+    args = {"loc": loc, "cov_factor": cov_factor, "cov_diag": cov_diag}
+    for name, t in args.items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{name} has dtype {t.dtype}, but JacobianLowRankMVN works in float32 or float64")
+    tensors = cast(dict[str, Tensor], args)
+    for name, t in tensors.items():
+        if t.dtype != tensors["loc"].dtype:
+            raise ValueError(f"loc has dtype {tensors['loc'].dtype} but {name} has dtype {t.dtype}; pass one dtype")
+        if t.device != tensors["loc"].device:
+            raise ValueError(f"loc is on device {tensors['loc'].device} but {name} is on device {t.device}")
+    factor = tensors["cov_factor"]
+    if factor.dim() >= 2 and factor.shape[-1] == 0:
+        raise ValueError(
+            f"cov_factor has shape {format_shape(factor.shape)}: it needs at least one column (rank k >= 1)"
+        )
 
 
 class JacobianLowRankMVN(pyro.distributions.LowRankMultivariateNormal):
@@ -61,7 +83,7 @@ class JacobianLowRankMVN(pyro.distributions.LowRankMultivariateNormal):
     """
 
     def __init__(self, loc: Tensor, cov_factor: Tensor, cov_diag: Tensor, validate_args: bool | None = None) -> None:
-        check_low_rank_parameters(loc, cov_factor, cov_diag)
+        _check_parameters(loc, cov_factor, cov_diag)
         super().__init__(loc, cov_factor, cov_diag, validate_args=validate_args)
         self._state = LowRankGaussian(loc, cov_factor, cov_diag, self._capacitance_tril)
 
