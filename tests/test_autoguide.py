@@ -1,6 +1,8 @@
 """AutoJacobianMVN behaves as Pyro's AutoMultivariateNormal, with a JacobianMVN posterior, and AutoJacobianLowRankMVN
 as Pyro's AutoLowRankMultivariateNormal, with a JacobianLowRankMVN posterior."""
 
+import functools
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -56,6 +58,25 @@ def make_guides(init_loc_fn=init_to_median, init_scale=0.1):
 DATA = torch.tensor([[0.5, 1.0], [1.5, 0.2], [0.9, 0.8], [1.2, 1.4], [0.1, 0.7], [1.1, 0.3]], dtype=torch.float64)
 
 
+def make_lowrank_guides(init_loc_fn=init_to_median, init_scale=0.1, rank=None):
+    """The same model under AutoJacobianLowRankMVN and AutoLowRankMultivariateNormal, set up from the same random
+    state (which draws the initial cov_factor)."""
+    guides = []
+    for cls in (AutoJacobianLowRankMVN, AutoLowRankMultivariateNormal):
+        pyro.set_rng_seed(0)
+        guide = cls(hierarchical_model, init_loc_fn=init_loc_fn, init_scale=init_scale, rank=rank)
+        guide(DATA)
+        guides.append(guide)
+    return guides
+
+
+# Each of the library's autoguides and Pyro's counterpart, built alike (the low-rank ones with rank 3).
+GUIDE_PAIRS = [
+    pytest.param(make_guides, id="full_rank"),
+    pytest.param(functools.partial(make_lowrank_guides, rank=3), id="low_rank"),
+]
+
+
 def test_posterior_is_a_jacobian_mvn_equal_to_pyros(assert_close):
     ours, theirs = make_guides()
     q, ref = ours.get_posterior(), theirs.get_posterior()
@@ -68,8 +89,9 @@ def test_posterior_is_a_jacobian_mvn_equal_to_pyros(assert_close):
     assert dict(ours.named_parameters()).keys() == dict(theirs.named_parameters()).keys()
 
 
-def test_same_samples_median_quantiles_and_predictive(assert_close):
-    ours, theirs = make_guides(init_loc_fn=init_to_sample, init_scale=0.3)
+@pytest.mark.parametrize("make", GUIDE_PAIRS)
+def test_same_samples_median_quantiles_and_predictive(make, assert_close):
+    ours, theirs = make(init_loc_fn=init_to_sample, init_scale=0.3)
     for method in (lambda g: g.median(), lambda g: g.quantiles([0.1, 0.5, 0.9])):
         a, b = method(ours), method(theirs)
         assert a.keys() == b.keys() == {"mu", "tau", "rho"}
@@ -108,10 +130,11 @@ def test_init_loc_fn_and_init_scale():
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("elbo", [Trace_ELBO, TraceGraph_ELBO, JitTrace_ELBO])
-def test_svi_trajectory_matches_auto_multivariate_normal(elbo, assert_close):
+@pytest.mark.parametrize("make", GUIDE_PAIRS)
+def test_svi_trajectory_matches_pyros(make, elbo, assert_close):
     """Same ELBO, same gradients, same parameters after several Adam steps."""
     trajectories = []
-    for guide in make_guides():
+    for guide in make():
         loss = elbo(ignore_jit_warnings=True) if elbo is JitTrace_ELBO else elbo()
         svi = SVI(hierarchical_model, guide, pyro.optim.Adam({"lr": 0.05}), loss)
         pyro.set_rng_seed(3)
@@ -150,18 +173,6 @@ def test_recovers_the_exact_posterior():
 # AutoJacobianLowRankMVN behaves as Pyro's AutoLowRankMultivariateNormal, with a JacobianLowRankMVN posterior.
 
 
-def make_lowrank_guides(init_loc_fn=init_to_median, init_scale=0.1, rank=None):
-    """The same model under AutoJacobianLowRankMVN and AutoLowRankMultivariateNormal, set up from the same random
-    state (which draws the initial cov_factor)."""
-    guides = []
-    for cls in (AutoJacobianLowRankMVN, AutoLowRankMultivariateNormal):
-        pyro.set_rng_seed(0)
-        guide = cls(hierarchical_model, init_loc_fn=init_loc_fn, init_scale=init_scale, rank=rank)
-        guide(DATA)
-        guides.append(guide)
-    return guides
-
-
 LOWRANK_ATTRIBUTES = ("loc", "cov_factor", "cov_diag", "covariance_matrix", "scale_tril", "variance")
 
 
@@ -183,31 +194,6 @@ def test_lowrank_posterior_is_a_jacobian_lowrank_mvn_equal_to_pyros(assert_close
     expected = torch.autograd.grad(ref.log_prob(x).sum(), [ref_params[n] for n in names])
     for name, a, e in zip(names, grads, expected):
         assert_close(a, e, msg=lambda m, name=name: f"{name}: {m}")
-
-
-def test_lowrank_same_samples_median_quantiles_and_predictive(assert_close):
-    ours, theirs = make_lowrank_guides(init_loc_fn=init_to_sample, init_scale=0.3)
-    for method in (lambda g: g.median(), lambda g: g.quantiles([0.1, 0.5, 0.9])):
-        a, b = method(ours), method(theirs)
-        assert a.keys() == b.keys() == {"mu", "tau", "rho"}
-        for site in a:
-            assert_close(a[site], b[site])
-    for guide_call in (lambda g: g(), lambda g: poutine.trace(g).get_trace().nodes):
-        pyro.set_rng_seed(1)
-        a = guide_call(ours)
-        pyro.set_rng_seed(1)
-        b = guide_call(theirs)
-        for site in ("mu", "tau", "rho"):
-            va, vb = (x[site]["value"] if isinstance(x[site], dict) else x[site] for x in (a, b))
-            assert_close(va, vb)
-    predictions = []
-    for guide in (ours, theirs):
-        pyro.set_rng_seed(2)
-        predictions.append(Predictive(hierarchical_model, guide=guide, num_samples=5)(n=3))
-    assert predictions[0].keys() == predictions[1].keys() == {"mu", "tau", "rho", "obs"}
-    for site in predictions[0]:
-        assert_close(predictions[0][site], predictions[1][site])
-    assert predictions[0]["obs"].shape == (5, 3, D)
 
 
 def test_lowrank_same_elbo(assert_close):
@@ -239,24 +225,6 @@ def test_lowrank_init_loc_fn_init_scale_and_rank():
     for bad in (0, -2, 1.5):
         with pytest.raises(ValueError, match="rank"):
             AutoJacobianLowRankMVN(hierarchical_model, rank=bad)
-
-
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("elbo", [Trace_ELBO, TraceGraph_ELBO, JitTrace_ELBO])
-def test_lowrank_svi_trajectory_matches_auto_lowrank_multivariate_normal(elbo, assert_close):
-    """Same ELBO, same gradients, same parameters after several Adam steps."""
-    trajectories = []
-    for guide in make_lowrank_guides(rank=3):
-        loss = elbo(ignore_jit_warnings=True) if elbo is JitTrace_ELBO else elbo()
-        svi = SVI(hierarchical_model, guide, pyro.optim.Adam({"lr": 0.05}), loss)
-        pyro.set_rng_seed(3)
-        losses = torch.tensor([svi.step(DATA) for _ in range(10)], dtype=torch.float64)
-        trajectories.append((losses, {k: v.detach().clone() for k, v in guide.named_parameters()}))
-    (losses, params), (ref_losses, ref_params) = trajectories
-    # Traced by torch.jit, torch's log_prob keeps its d * log(2 pi) in float32 (see test_pyro).
-    assert_close(losses, ref_losses, **(dict(rtol=1e-7, atol=0) if elbo is JitTrace_ELBO else {}))
-    for name in params:
-        assert_close(params[name], ref_params[name])
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_allocation, check_out, differentiated
-from ._gaussian import DIAGONAL, LOWER, SYMMETRIC, GaussianState, Rows, Term
+from ._gaussian import DIAGONAL, GENERAL, LOWER, SYMMETRIC, GaussianState, Rows, Term
 from ._shapes import Grouping, broadcast_shapes, sum_to, vech, vech_indices, vech_weights
 from ._sums import centered_outer_sum
 
@@ -127,10 +127,8 @@ def per_sample_term(rows: Rows, term: Term, layout: str, out: Tensor | None) -> 
     # d = 64, N = 1024: 20x slower), and the copies cost a d-th of the output's writes.
     u, v = rows.full(term.u).contiguous(), rows.full(term.v).contiguous()
     constant, scale, form = term.constant, term.scale, term.form
-    if form == DIAGONAL:
-        if out is not None:
-            return torch.mul(torch.addcmul(-constant, u, v), scale, out=out)
-        return scale * (u * v - constant)
+    if form == DIAGONAL:  # one pass: scale u v - scale K
+        return torch.addcmul(constant * -scale, u, v, value=scale, out=out)
     vech_form = layout == "vech" and form in (SYMMETRIC, LOWER)
     if out is None and (differentiated(u) or differentiated(v) or differentiated(constant)):
         # Differentiable (by autograd, forward-mode AD or a torch.func transform) or batched by torch.func:
@@ -222,10 +220,14 @@ def summed_term(rows: Rows, term: Term, layout: str, own: torch.Size, target: to
         u, v = g.group(rows.full(u)), g.group(rows.full(v))
         flat = g.flat_matrix(constant if event_dims == 2 else constant.unsqueeze(-1))
         flat = flat if event_dims == 2 else flat[..., 0]
-    if form == DIAGONAL:
-        out = scale * (u * v - flat.unsqueeze(-2)).sum(-2)
+    if form == DIAGONAL:  # each sample centered, one temporary
+        out = torch.addcmul(flat.unsqueeze(-2) * -scale, u, v, value=scale).sum(-2)
     elif form == LOWER:
         out = centered_outer_sum(u, v, torch.diag_embed(flat), scale=-scale, outer_sum=term.outer_sum).tril()
+    elif form == GENERAL and v.shape[-1] < u.shape[-1]:
+        # The transposed product, its short side first: sum_s v_s u_s^T is a (k, c) x (c, d) GEMM, which MKL runs
+        # 1.4-10x faster than (d, c) x (c, k) (AMD EPYC, float32, d = 1024, c = 256, k = 64 to 4).
+        out = centered_outer_sum(v, u, flat.mT, scale=-scale, outer_sum=term.outer_sum).mT
     else:
         out = centered_outer_sum(u, v, flat, scale=-scale, outer_sum=term.outer_sum)
     if g is not None:

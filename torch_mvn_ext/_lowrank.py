@@ -96,7 +96,7 @@ class LowRankRows(Rows):
     @property
     def alpha(self) -> Tensor:
         if self._alpha is None:
-            self._alpha = self.y - (self.s @ self.cov_factor.mT) / self.cov_diag.unsqueeze(-2)
+            self._alpha = torch.addcdiv(self.y, self.s @ self.cov_factor.mT, self.cov_diag.unsqueeze(-2), value=-1)
         return self._alpha
 
     @property
@@ -274,11 +274,12 @@ class LogProb(torch.autograd.Function):
         grad_factor = grad_diag = None
         if needs_factor:
             constant = rows.flat(_precision_times_factor(cov_factor, cov_diag, inverse))
-            summed = centered_outer_sum(weighted_alpha, rows.s, constant, weights, scale=-1.0)
+            # transposed, its short side first (see _derivatives.summed_term)
+            summed = centered_outer_sum(rows.s, weighted_alpha, constant.mT, weights, scale=-1.0).mT
             grad_factor = sum_to(rows.unflat(summed), cov_factor.shape)
         if needs_diag:
             diagonal = rows.flat(_precision_diagonal(cov_factor, cov_diag, inverse), 1)
-            summed = 0.5 * (weighted_alpha * rows.alpha - weights * diagonal.unsqueeze(-2)).sum(-2)
+            summed = 0.5 * torch.addcmul(weighted_alpha * rows.alpha, weights, diagonal.unsqueeze(-2), value=-1).sum(-2)
             if rows.grouping is not None:
                 summed = summed.reshape(rows.grouping.batch_shape + summed.shape[-1:])
             grad_diag = sum_to(summed, cov_diag.shape)
