@@ -280,7 +280,8 @@ def check_value(dist: Distribution, value: object) -> Tensor:
     loc: Tensor = dist.loc  # type: ignore[attr-defined]
     if not isinstance(value, Tensor):
         raise ValueError(f"value must be a torch.Tensor, got {type(value).__name__}")
-    shape, batch_shape, event_shape = value.shape, dist.batch_shape, dist.event_shape
+    # torch's own attributes behind the batch_shape and event_shape properties: a call fewer each, at every call
+    shape, batch_shape, event_shape = value.shape, dist._batch_shape, dist._event_shape
     if not shape or shape[-1] != event_shape[0]:
         raise ValueError(
             f"value has shape {format_shape(shape)} but the distribution's event shape is "

@@ -15,7 +15,7 @@ matrices, whatever the parametrization; the derivative w.r.t. each is a :class:`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from ._factor import CholeskyFactor, PrecisionFactor, ScaleTril, TriangularFacto
 from ._gaussian import LOWER, SYMMETRIC, GaussianState, Rows, Term
 from ._information import symmetric_fisher_vech, symmetric_natural_gradient, tril_fisher_vech, tril_natural_gradient
 from ._shapes import Grouping
-from ._small import adopt, factor_of
+from ._small import adopt
 
 
 class cached:
@@ -65,11 +65,6 @@ class DenseGaussian(GaussianState):
         self.parametrization = parametrization
         self.matrix = matrix
         self.factor = factor
-
-    @classmethod
-    def of(cls, loc: Tensor, parametrization: str, matrix: Tensor) -> DenseGaussian:
-        """The state of a checked ``matrix`` argument: its factor computed (elementwise for many small matrices)."""
-        return cls(loc, parametrization, matrix, factor_of(parametrization, matrix))
 
     @classmethod
     def of_distribution(cls, mvn: object) -> DenseGaussian:
@@ -151,7 +146,7 @@ class DenseGaussian(GaussianState):
         return _autograd.log_prob(r, self.factor, covariance)
 
     def term(self, rows: Rows, name: str) -> Term:
-        assert isinstance(rows, TriangularRows), "rows of this state"
+        rows = cast(TriangularRows, rows)  # the rows of this structure
         outer_sum = rows.factor.outer_sum
         if name == "covariance_matrix":
             return Term(rows.alpha, rows.alpha, self.precision_matrix, 0.5, SYMMETRIC, outer_sum)

@@ -36,8 +36,9 @@ def jacobian(
     several ``wrt``), into ``out`` when given."""
     rows = state.rows(r)
     outs = check_outs(out, wrt, names, state, rows, layout, value)
-    result = {name: per_sample(state, rows, name, layout, outs.get(name)) for name in names}
-    return result[wrt] if isinstance(wrt, str) else result
+    if isinstance(wrt, str):
+        return per_sample(state, rows, wrt, layout, outs.get(wrt))
+    return {name: per_sample(state, rows, name, layout, outs.get(name)) for name in names}
 
 
 def log_prob_and_grads(
@@ -58,7 +59,9 @@ def log_prob_and_grads(
         return rows.log_prob, {name: per_sample(state, rows, name, layout, outs.get(name)) for name in names}
     if out is not None:
         raise ValueError("out= is for reduction='none'; the summed gradients have the inputs' own shapes")
-    grads = {name: summed(state, rows, name, layout, value, batch_shape) for name in names}
+    grads = {}
+    for name in names:
+        grads[name] = summed(state, rows, name, layout, value, batch_shape)
     return rows.log_prob, grads
 
 

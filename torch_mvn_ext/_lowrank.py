@@ -28,7 +28,7 @@ is several times slower than a GEMM of the same size on CPUs, so none is taken p
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -177,7 +177,7 @@ class LowRankGaussian(GaussianState):
         return self._constants[name]
 
     def term(self, rows: Rows, name: str) -> Term:
-        assert isinstance(rows, LowRankRows), "rows of this state"
+        rows = cast(LowRankRows, rows)  # the rows of this structure
         if name == "cov_factor":
             return Term(rows.alpha, rows.s, self._constant(name), 1.0, GENERAL)
         return Term(rows.alpha, rows.alpha, self._constant(name), 0.5, DIAGONAL)

@@ -37,6 +37,7 @@ from ._dense import DenseGaussian
 from ._derivatives import Outputs
 from ._geometry import InformationGeometry
 from ._shapes import broadcast_shapes, event_dims, format_shape
+from ._small import factor_of
 
 try:  # torch's private sampler of its MVN: torch.randn, or normal_ on a fresh tensor under torch.jit.trace
     from torch.distributions.utils import _standard_normal
@@ -108,7 +109,7 @@ class JacobianMVN(InformationGeometry, pyro.distributions.MultivariateNormal):
                 validate_parameter(name, matrix, constraints.lower_cholesky)
             elif not all_equal(matrix, matrix.mT):  # exactly symmetric, the usual case: no tolerance check
                 validate_parameter(name, matrix, constraints.symmetric)
-        self._setup(DenseGaussian.of(loc, name, matrix), bool(validate_args), batch_shape)
+        self._setup(DenseGaussian(loc, name, matrix, factor_of(name, matrix)), bool(validate_args), batch_shape)
 
     def _setup(self, state: DenseGaussian, validate_args: bool, batch_shape: Any) -> None:
         """What every constructor leaves: the structure, and torch's attributes (``loc`` and the given matrix as
