@@ -41,6 +41,8 @@ Adding a case is adding one ``Case`` to ``REGISTRY``: its name, family, builder 
 options (``registry.py`` describes each); ``run.py``, the report and the pictures read everything from the entry.
 """
 
+from collections.abc import Callable
+
 import builders
 import floors
 import lowrank
@@ -101,6 +103,20 @@ def small_targets(min_speedup):
     return (
         *(speedup("torch_noval", size, min_speedup) for size in sizes),
         *(over_floor("ours_noval", size, 1.3) for size in sizes),
+    )
+
+
+def many_small_case(name: str, build: Callable, minimum: float) -> Case:
+    """A case of many small Gaussians: ``build`` on B members with their own matrices, held to ``minimum`` x torch."""
+    return Case(
+        name,
+        MANY_SMALL,
+        build,
+        inputs=many_small.make_inputs,
+        sizes=sizes_option("many_small_sizes"),
+        skip=(SMALL_BYTES,),
+        targets=small_targets(minimum),
+        options=(SMALL_SIZES,),
     )
 
 
@@ -202,36 +218,9 @@ REGISTRY = {
             ),
             options=(Option("--memory-min-n", "smallest N for the memory case", 1024, type=int),),
         ),
-        Case(
-            "many_small_log_prob",
-            MANY_SMALL,
-            many_small.log_prob,
-            inputs=many_small.make_inputs,
-            sizes=sizes_option("many_small_sizes"),
-            skip=(SMALL_BYTES,),
-            targets=small_targets(5.0),
-            options=(SMALL_SIZES,),
-        ),
-        Case(
-            "many_small_rsample",
-            MANY_SMALL,
-            many_small.rsample,
-            inputs=many_small.make_inputs,
-            sizes=sizes_option("many_small_sizes"),
-            skip=(SMALL_BYTES,),
-            targets=small_targets(3.0),
-            options=(SMALL_SIZES,),
-        ),
-        Case(
-            "many_small_lpg",
-            MANY_SMALL,
-            many_small.lpg,
-            inputs=many_small.make_inputs,
-            sizes=sizes_option("many_small_sizes"),
-            skip=(SMALL_BYTES,),
-            targets=small_targets(5.0),
-            options=(SMALL_SIZES,),
-        ),
+        many_small_case("many_small_log_prob", many_small.log_prob, 5.0),
+        many_small_case("many_small_rsample", many_small.rsample, 3.0),
+        many_small_case("many_small_lpg", many_small.lpg, 5.0),
         Case(
             "lowrank_lpg",
             LOWRANK,
