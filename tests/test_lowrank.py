@@ -744,3 +744,78 @@ def test_float32(shapes, assert_close):
         assert jac.dtype == sums[name].dtype == torch.float32
         torch.testing.assert_close(jac.double(), per_sample_reference(params64, x.double(), name), **tol)
         torch.testing.assert_close(sums[name].double(), e, **tol)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# State: caches filled under no_grad keep their graph; vmap then grad; in-place updates; validation before factoring.
+
+
+def _leaves():
+    torch.manual_seed(11)
+    loc = torch.randn(D, dtype=torch.float64)
+    w = torch.randn(D, RANK, dtype=torch.float64, requires_grad=True)
+    diag = (torch.rand(D, dtype=torch.float64) + 0.5).requires_grad_()
+    return loc, w, diag, torch.randn(5, D, dtype=torch.float64)
+
+
+def test_structure_caches_first_filled_under_no_grad_keep_gradients(assert_close):
+    """The capacitance inverse and Sigma^{-1} W are cached on first use; filled under no_grad, later differentiable
+    uses must still depend on W and D (a KL and a summed gradient, against torch's class)."""
+    loc, w, diag, x = _leaves()
+    q = LowRankMultivariateNormal(loc + 1, w.detach() * 2, diag.detach())
+    ours = JacobianLowRankMVN(loc, w, diag)
+    with torch.no_grad():
+        torch.distributions.kl_divergence(q, ours)
+        ours.log_prob_and_grads(x, reduction="sum")
+    expected = torch.autograd.grad(
+        torch.distributions.kl_divergence(q, LowRankMultivariateNormal(loc, w, diag)), [w, diag]
+    )
+    # retain_graph: the capacitance's graph (recorded at construction, as torch's class records it) serves both
+    kl = torch.distributions.kl_divergence(q, ours)
+    for a, e in zip(torch.autograd.grad(kl, [w, diag], retain_graph=True), expected):
+        assert_close(a, e)
+    ref_grad = torch.autograd.grad(LowRankMultivariateNormal(loc, w, diag).log_prob(x).sum(), w, create_graph=True)[0]
+    expected = torch.autograd.grad(ref_grad.pow(2).sum(), [w, diag])
+    summed = ours.log_prob_and_grads(x, ("cov_factor",), reduction="sum")[1]["cov_factor"]
+    for a, e in zip(torch.autograd.grad(summed.pow(2).sum(), [w, diag]), expected):
+        assert_close(a, e)
+
+
+def test_gradient_of_a_vmapped_log_prob_matches_torch(assert_close):
+    loc, w, diag, _ = _leaves()
+    xs = torch.randn(7, 3, D, dtype=torch.float64)
+    ours = vmap(JacobianLowRankMVN(loc, w, diag).log_prob)(xs)
+    theirs = vmap(LowRankMultivariateNormal(loc, w, diag).log_prob)(xs)
+    for a, e in zip(torch.autograd.grad(ours.sum(), [w, diag]), torch.autograd.grad(theirs.sum(), [w, diag])):
+        assert_close(a, e)
+    f = lambda m, cls: vmap(cls(loc, m, diag.detach()).log_prob)(xs).sum()  # noqa: E731
+    assert_close(grad(f)(w.detach(), JacobianLowRankMVN), grad(f)(w.detach(), LowRankMultivariateNormal))
+
+
+@pytest.mark.parametrize("name", ["cov_factor", "cov_diag"])
+def test_in_place_update_after_construction_raises(name):
+    """The capacitance factor is computed at construction; a parameter changed in place afterwards would be mixed
+    with it (torch's class gives the mixed value, and a wrong or failing backward): a ValueError says so."""
+    loc, w, diag, x = _leaves()
+    d = JacobianLowRankMVN(loc, w, diag)
+    with torch.no_grad():
+        (w if name == "cov_factor" else diag).mul_(1.5)
+    for call in (lambda: d.log_prob(x), lambda: d.jacobian(x, "cov_factor"), lambda: d.log_prob_and_grads(x)):
+        with pytest.raises(ValueError, match="modified in place"):
+            call()
+    torch.testing.assert_close(
+        JacobianLowRankMVN(loc, w, diag).log_prob(x), LowRankMultivariateNormal(loc, w, diag).log_prob(x)
+    )
+
+
+@pytest.mark.parametrize("bad", ["cov_diag-negative", "cov_diag-nan", "cov_factor-nan", "loc-nan"], ids=lambda s: s)
+def test_validation_names_the_parameter_before_factorizing(bad):
+    """torch's class factorizes the capacitance before it checks the constraints (a LinAlgError for a negative
+    cov_diag); validated, ours raises torch's constraint message first."""
+    name, kind = bad.split("-")
+    loc, w, diag = torch.zeros(D), torch.ones(D, RANK), torch.ones(D)
+    args = {"loc": loc, "cov_factor": w, "cov_diag": diag}
+    args[name] = args[name].clone()
+    args[name].view(-1)[0] = -1.0 if kind == "negative" else float("nan")
+    with pytest.raises(ValueError, match=rf"Expected parameter {name} .* to satisfy the constraint"):
+        JacobianLowRankMVN(**args, validate_args=True)

@@ -36,7 +36,7 @@ from ._sums import centered_outer_sum
 
 
 class TriangularRows(Rows):
-    r"""TriangularRowss laid out against a triangular factor (:class:`~torch_mvn_ext._gaussian.Rows`), with ``z`` and
+    r"""Residuals laid out against a triangular factor (:class:`~torch_mvn_ext._gaussian.Rows`), with ``z`` and
     ``alpha`` computed once and shared. Built from differentiable operations only, so it also serves double backward.
 
     ``sigma_inverse``: for a computed Cholesky factor (the covariance parametrization), a function giving

@@ -15,7 +15,7 @@ matrices, whatever the parametrization; the derivative w.r.t. each is a :class:`
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -24,30 +24,10 @@ from . import _autograd, _conditioning
 from ._autograd import TriangularRows
 from ._checks import PARAMETRIZATIONS
 from ._factor import CholeskyFactor, PrecisionFactor, ScaleTril, TriangularFactor, tril_inverse
-from ._gaussian import LOWER, SYMMETRIC, GaussianState, Rows, Term
+from ._gaussian import LOWER, SYMMETRIC, GaussianState, Rows, Term, cached
 from ._information import symmetric_fisher_vech, symmetric_natural_gradient, tril_fisher_vech, tril_natural_gradient
 from ._shapes import Grouping
 from ._small import adopt
-
-
-class cached:
-    """A cache on the instance, computed on first use: torch's ``lazy_property`` (results with their graph even when
-    first asked for under ``torch.no_grad()``), without entering ``enable_grad`` where grad is enabled."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-        self.name = fn.__name__
-
-    def __get__(self, instance: Any, owner: Any = None) -> Any:
-        if instance is None:
-            return self
-        if torch.is_grad_enabled():
-            value = self.fn(instance)
-        else:
-            with torch.enable_grad():
-                value = self.fn(instance)
-        setattr(instance, self.name, value)  # shadows this (non-data) descriptor from now on
-        return value
 
 
 class DenseGaussian(GaussianState):

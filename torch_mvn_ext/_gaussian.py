@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,6 +30,26 @@ from ._shapes import Grouping
 
 # The forms of a Term: how its outer products and constant make the derivative (see Term).
 SYMMETRIC, LOWER, GENERAL, DIAGONAL = "symmetric", "lower", "general", "diagonal"
+
+
+class cached:
+    """A cache on the instance, computed on first use: torch's ``lazy_property`` (results with their graph even when
+    first asked for under ``torch.no_grad()``), without entering ``enable_grad`` where grad is enabled."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.name = fn.__name__
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if instance is None:
+            return self
+        if torch.is_grad_enabled():
+            value = self.fn(instance)
+        else:
+            with torch.enable_grad():
+                value = self.fn(instance)
+        setattr(instance, self.name, value)  # shadows this (non-data) descriptor from now on
+        return value
 
 
 class Term(NamedTuple):

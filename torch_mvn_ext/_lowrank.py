@@ -4,7 +4,8 @@ r"""The low-rank Gaussian: covariance :math:`\Sigma = W W^\top + \operatorname{d
 :math:`W` (``cov_factor``, ``B + (d, k)``), the diagonal :math:`D` (``cov_diag``, ``B + (d,)``) and the Cholesky
 factor :math:`C` of the capacitance :math:`I_k + W^\top D^{-1} W`, as torch's ``LowRankMultivariateNormal`` holds
 them. With :math:`r = x - \mu`, :math:`y = D^{-1} r`, :math:`t = W^\top y`, :math:`K = (C C^\top)^{-1}` (a
-:math:`k \times k` matrix, from the factor: well conditioned, as :math:`C C^\top \succeq I`) and :math:`s = K t`,
+:math:`k \times k` matrix from the factor, :math:`\|K\| \le 1` as :math:`C C^\top \succeq I`; its condition
+number is that of :math:`C C^\top`, up to :math:`1 + \|W\|^2 / \min D`) and :math:`s = K t`,
 Woodbury's identity gives
 
 .. math::
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from ._checks import _transforms_active
 from ._factor import CholeskyFactor
-from ._gaussian import DIAGONAL, GENERAL, GaussianState, Rows, Term
+from ._gaussian import DIAGONAL, GENERAL, GaussianState, Rows, Term, cached
 from ._shapes import broadcast_shapes, sum_to
 from ._sums import centered_outer_sum
 
@@ -102,10 +103,15 @@ class LowRankRows(Rows):
     @property
     def log_prob(self) -> Tensor:
         maha = torch.linalg.vecdot(self.r, self.y) - torch.linalg.vecdot(self.t, self.s)
-        half_log_det = CholeskyFactor(self.capacitance).half_log_det() + 0.5 * self.cov_diag.log().sum(-1)
+        half_log_det = _half_log_det(self.capacitance, self.cov_diag)
         if self.grouping is not None:
             half_log_det = half_log_det.unsqueeze(-1)
         return self.full_scalar(torch.add(-half_log_det - 0.5 * self.r.shape[-1] * _LOG_2PI, maha, alpha=-0.5))
+
+
+def _half_log_det(capacitance: Tensor, cov_diag: Tensor) -> Tensor:
+    r""":math:`\frac12 \log\det\Sigma` by the matrix determinant lemma: :math:`\log\det C C^\top + \log\det D`."""
+    return CholeskyFactor(capacitance).half_log_det() + 0.5 * cov_diag.log().sum(-1)
 
 
 def _precision_times_factor(cov_factor: Tensor, cov_diag: Tensor, inverse: Tensor) -> Tensor:
@@ -130,7 +136,7 @@ class LowRankGaussian(GaussianState):
         self.cov_factor = cov_factor
         self.cov_diag = cov_diag
         self.capacitance = capacitance
-        self._constants: dict[str, Tensor] = {}
+        self._versions = (cov_factor._version, cov_diag._version)
 
     @classmethod
     def of_distribution(cls, lowrank: Any) -> LowRankGaussian:
@@ -153,34 +159,50 @@ class LowRankGaussian(GaussianState):
     def inputs(self) -> dict[str, Tensor]:
         return {"loc": self.loc, "cov_factor": self.cov_factor, "cov_diag": self.cov_diag}
 
-    @property
+    # Each computed once, with its graph even when first asked for under torch.no_grad() (see cached).
+
+    @cached
     def inverse(self) -> Tensor:
-        r""":math:`K = (C C^\top)^{-1}`, computed once."""
-        if "inverse" not in self._constants:
-            self._constants["inverse"] = inverse_capacitance(self.capacitance)
-        return self._constants["inverse"]
+        r""":math:`K = (C C^\top)^{-1}`."""
+        return inverse_capacitance(self.capacitance)
+
+    @cached
+    def sigma_inverse_factor(self) -> Tensor:
+        r""":math:`\Sigma^{-1} W`."""
+        return _precision_times_factor(self.cov_factor, self.cov_diag, self.inverse)
+
+    @cached
+    def sigma_inverse_diagonal(self) -> Tensor:
+        r"""The diagonal of :math:`\Sigma^{-1}`."""
+        return _precision_diagonal(self.cov_factor, self.cov_diag, self.inverse)
+
+    def check_unchanged(self) -> None:
+        """A ``ValueError`` where ``cov_factor`` or ``cov_diag`` changed in place since construction: the capacitance
+        computed then would no longer match them (torch's class fails at the backward, or silently without one)."""
+        if torch.compiler.is_compiling() or _transforms_active():
+            return
+        if (self.cov_factor._version, self.cov_diag._version) != self._versions:
+            raise ValueError(
+                "cov_factor or cov_diag was modified in place after the JacobianLowRankMVN was built, so its "
+                "capacitance factor no longer matches them: build a new distribution after each update"
+            )
 
     def rows(self, r: Tensor) -> LowRankRows:
+        self.check_unchanged()
         return LowRankRows(r, self.cov_factor, self.cov_diag, self.capacitance, self.inverse)
 
     def log_prob(self, r: Tensor) -> Tensor:
+        self.check_unchanged()
         if torch.is_grad_enabled() and (r.requires_grad or self.requires_grad) and not torch.compiler.is_compiling():
             return LogProb.apply(r, self.cov_factor, self.cov_diag, self.capacitance.detach())[0]
         # Under torch.compile, plain differentiable operations (a compiled Function's backward records no graph).
         return self.rows(r).log_prob
 
-    def _constant(self, name: str) -> Tensor:
-        """:math:`\\Sigma^{-1} W` or :math:`\\operatorname{diag}\\Sigma^{-1}`, computed once."""
-        if name not in self._constants:
-            fn = _precision_times_factor if name == "cov_factor" else _precision_diagonal
-            self._constants[name] = fn(self.cov_factor, self.cov_diag, self.inverse)
-        return self._constants[name]
-
     def term(self, rows: Rows, name: str) -> Term:
         rows = cast(LowRankRows, rows)  # the rows of this structure
         if name == "cov_factor":
-            return Term(rows.alpha, rows.s, self._constant(name), 1.0, GENERAL)
-        return Term(rows.alpha, rows.alpha, self._constant(name), 0.5, DIAGONAL)
+            return Term(rows.alpha, rows.s, self.sigma_inverse_factor, 1.0, GENERAL)
+        return Term(rows.alpha, rows.alpha, self.sigma_inverse_diagonal, 0.5, DIAGONAL)
 
     def term_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.cov_factor.shape[-2:]) if name == "cov_factor" else (self.size,)
@@ -191,8 +213,7 @@ class LowRankGaussian(GaussianState):
     # KL divergences (kl.py): Sigma = R^T R + diag(v) with R = W^T, v = D.
 
     def half_log_det(self) -> Tensor:
-        # The matrix determinant lemma: log det Sigma = log det C C^T + log det D.
-        return CholeskyFactor(self.capacitance).half_log_det() + 0.5 * self.cov_diag.log().sum(-1)
+        return _half_log_det(self.capacitance, self.cov_diag)
 
     def quad(self, x: Tensor) -> Tensor:
         r"""Woodbury: :math:`\sum_i x_i^\top y_i - t_i^\top K t_i` with :math:`y_i = D^{-1} x_i`,
@@ -208,7 +229,7 @@ class LowRankGaussian(GaussianState):
         return self.cov_diag
 
     def precision_diagonal(self) -> Tensor:
-        return self._constant("cov_diag")
+        return self.sigma_inverse_diagonal
 
 
 class LogProb(torch.autograd.Function):
@@ -237,11 +258,11 @@ class LogProb(torch.autograd.Function):
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*inputs, output[1])
-        ctx.save_for_forward(*inputs)
+        ctx.save_for_forward(*inputs, output[1])  # as for backward: the generated vmap rule keeps one list of both
 
     @staticmethod
     def jvp(ctx: Any, t_r: Tensor | None, t_factor: Tensor | None, t_diag: Tensor | None, _t_c: Any) -> Any:
-        r, cov_factor, cov_diag, capacitance = ctx.saved_tensors
+        r, cov_factor, cov_diag, capacitance, _s = ctx.saved_tensors
         inverse = inverse_capacitance(capacitance)
         rows = LowRankRows(r, cov_factor, cov_diag, capacitance, inverse)
         out = torch.zeros(rows.r.shape[:-1], dtype=r.dtype, device=r.device)

@@ -16,6 +16,7 @@ from torch import Tensor
 from . import _derivatives
 from ._checks import (
     REDUCTIONS,
+    all_true,
     check_choice,
     check_value,
     check_wrt,
@@ -84,6 +85,16 @@ class JacobianLowRankMVN(pyro.distributions.LowRankMultivariateNormal):
 
     def __init__(self, loc: Tensor, cov_factor: Tensor, cov_diag: Tensor, validate_args: bool | None = None) -> None:
         _check_parameters(loc, cov_factor, cov_diag)
+        validate = type(self)._validate_args if validate_args is None else validate_args
+        if validate:  # before torch's constructor, whose Cholesky factorization would fail first on a bad cov_diag
+            for name, value in (("loc", loc), ("cov_factor", cov_factor), ("cov_diag", cov_diag)):
+                constraint = self.arg_constraints[name]
+                if not all_true(constraint.check(value)):
+                    raise ValueError(
+                        f"Expected parameter {name} (Tensor of shape {format_shape(value.shape)}) of distribution "
+                        f"{type(self).__name__} to satisfy the constraint {constraint!r}, but found invalid "
+                        f"values:\n{value}"
+                    )
         super().__init__(loc, cov_factor, cov_diag, validate_args=validate_args)
         self._state = LowRankGaussian(loc, cov_factor, cov_diag, self._capacitance_tril)
 
@@ -174,7 +185,8 @@ class JacobianLowRankMVN(pyro.distributions.LowRankMultivariateNormal):
         reduction: str = "none",
         out: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        r"""``log_prob(value)`` and its derivatives in one pass, no autograd graph.
+        r"""``log_prob(value)`` and its derivatives in one pass, no autograd pass (the outputs are differentiable
+        where an input requires grad, as any torch result is).
 
         Args:
             value (Tensor): points, shape broadcastable with ``batch_shape + (d,)``.

@@ -319,7 +319,7 @@ class JacobianMVN(InformationGeometry, pyro.distributions.MultivariateNormal):
         out: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         r"""``log_prob(value)`` and its derivatives in one pass: one factorization, shared intermediates, no
-        autograd graph.
+        autograd pass (the outputs are differentiable where an input requires grad, as any torch result is).
 
         Args:
             value (Tensor): points, shape broadcastable with ``batch_shape + (d,)``.
