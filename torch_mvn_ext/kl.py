@@ -13,8 +13,8 @@ and event size :math:`d`
         + \tfrac12 \left[\operatorname{tr}(\Sigma_q^{-1}\Sigma_p) + \delta^\top \Sigma_q^{-1} \delta - d\right].
 
 Each side is read through its structure (:class:`~torch_mvn_ext._gaussian.GaussianState`: a triangular factor, a
-low-rank factor with its capacitance Cholesky factor, or a vector of scales), so nothing is factorized twice and
-nothing is inverted; the formula is written once over them.
+low-rank factor with its capacitance Cholesky factor, or a vector of scales), so nothing is factorized twice and no
+d x d matrix is inverted (a low-rank side inverts its k x k capacitance); the formula is written once over them.
 ``p`` writes its covariance as :math:`\Sigma_p = R^\top R + \operatorname{diag}(v)` (``R``: rows of a square
 root, ``v``: a diagonal part; either may be absent), so that
 
@@ -25,7 +25,8 @@ root, ``v``: a diagonal part; either may be absent), so that
         + v^\top \operatorname{diag}(\Sigma_q^{-1}),
 
 one quadratic form of ``q`` evaluated on ``R`` and :math:`\delta` stacked: a single batched triangular solve (or
-matmul) per member of ``q``'s factor batch gives the trace and the Mahalanobis terms together.
+matmul; for a low-rank ``q``, Woodbury's GEMMs) per member of ``q``'s batch gives the trace and the Mahalanobis terms
+together.
 
 Every rule is differentiable, broadcasts ``p``'s batch shape against ``q``'s, and traces into one graph under
 ``torch.compile(fullgraph=True)``. (torch's ``kl_divergence`` resolves a new pair of types with a dispatcher that
