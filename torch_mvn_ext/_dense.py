@@ -80,10 +80,6 @@ class DenseGaussian(GaussianState):
     def batch_shape(self) -> torch.Size:
         return self.factor.batch_shape
 
-    @property
-    def requires_grad(self) -> bool:
-        return self.factor.requires_grad
-
     def inputs(self) -> dict[str, Tensor]:
         # The factor requires grad only where the matrix it was computed from does.
         return {"loc": self.loc, self.parametrization: self.matrix}

@@ -167,11 +167,6 @@ class GaussianState:
         """The event size ``d``."""
         return self.loc.shape[-1]
 
-    @property
-    def requires_grad(self) -> bool:
-        """Whether a tensor the structure computes with requires grad."""
-        raise NotImplementedError
-
     def inputs(self) -> dict[str, Tensor]:
         """The tensors the user passed, by coordinate name (those the derivatives depend on besides the value)."""
         raise NotImplementedError

@@ -69,7 +69,8 @@ class LowRankRows(Rows):
         inverse: Tensor | None = None,
         s: Tensor | None = None,
     ) -> None:
-        super().__init__(r, broadcast_shapes(cov_factor.shape[:-2], cov_diag.shape[:-1]))
+        self.batch_shape = broadcast_shapes(cov_factor.shape[:-2], cov_diag.shape[:-1])  # the structure's
+        super().__init__(r, self.batch_shape)
         self.cov_factor = self.flat(cov_factor)
         self.cov_diag = self.flat(cov_diag, 1)
         self.capacitance = self.flat(capacitance)
@@ -152,10 +153,6 @@ class LowRankGaussian(GaussianState):
     def batch_shape(self) -> torch.Size:
         return self.capacitance.shape[:-2]
 
-    @property
-    def requires_grad(self) -> bool:
-        return self.cov_factor.requires_grad or self.cov_diag.requires_grad
-
     def inputs(self) -> dict[str, Tensor]:
         return {"loc": self.loc, "cov_factor": self.cov_factor, "cov_diag": self.cov_diag}
 
@@ -193,7 +190,11 @@ class LowRankGaussian(GaussianState):
 
     def log_prob(self, r: Tensor) -> Tensor:
         self.check_unchanged()
-        if torch.is_grad_enabled() and (r.requires_grad or self.requires_grad) and not torch.compiler.is_compiling():
+        if (
+            torch.is_grad_enabled()
+            and (r.requires_grad or self.cov_factor.requires_grad or self.cov_diag.requires_grad)
+            and not torch.compiler.is_compiling()
+        ):
             return LogProb.apply(r, self.cov_factor, self.cov_diag, self.capacitance.detach())[0]
         # Under torch.compile, plain differentiable operations (a compiled Function's backward records no graph).
         return self.rows(r).log_prob
@@ -269,11 +270,11 @@ class LogProb(torch.autograd.Function):
         if t_r is not None:
             out = out - (rows.alpha * rows.group(t_r)).sum(-1)
         if t_factor is not None:
-            tangent = rows.flat(t_factor.expand(rows_batch(rows, cov_factor, cov_diag) + cov_factor.shape[-2:]))
+            tangent = rows.flat(t_factor.expand(rows.batch_shape + cov_factor.shape[-2:]))
             constant = rows.flat(_precision_times_factor(cov_factor, cov_diag, inverse))
             out = out + (rows.alpha * (rows.s @ tangent.mT)).sum(-1) - (constant * tangent).sum((-2, -1)).unsqueeze(-1)
         if t_diag is not None:
-            tangent = rows.flat(t_diag.expand(rows_batch(rows, cov_factor, cov_diag) + cov_diag.shape[-1:]), 1)
+            tangent = rows.flat(t_diag.expand(rows.batch_shape + cov_diag.shape[-1:]), 1)
             diagonal = rows.flat(_precision_diagonal(cov_factor, cov_diag, inverse), 1)
             out = out + 0.5 * ((rows.alpha.pow(2) * tangent.unsqueeze(-2)).sum(-1) - (diagonal * tangent).sum(-1, True))
         return rows.full_scalar(out), None
@@ -305,8 +306,3 @@ class LogProb(torch.autograd.Function):
                 summed = summed.reshape(rows.grouping.batch_shape + summed.shape[-1:])
             grad_diag = sum_to(summed, cov_diag.shape)
         return grad_r, grad_factor, grad_diag, None
-
-
-def rows_batch(rows: Rows, cov_factor: Tensor, cov_diag: Tensor) -> torch.Size:
-    """The structure's batch shape, which the rows are grouped against."""
-    return broadcast_shapes(cov_factor.shape[:-2], cov_diag.shape[:-1])
